@@ -1,0 +1,146 @@
+"""Download the public checkpoints (Qwen2.5, CLIP ViT-L/14-336, DINOv2-L) from the Hugging Face Hub.
+
+    python download.py all-3b                     # Qwen2.5-3B-Instruct + CLIP-L/336 + DINOv2-L
+    python download.py qwen2.5-1.5b dinov2-l --out weights/
+
+Each checkpoint lands in OUT/<name>/ (config.json, tokenizer.json for Qwen, weights). Files are fetched from
+`{HF_ENDPOINT or https://huggingface.co}/{repo}/resolve/main/{file}` with `HF_TOKEN` as a Bearer token.
+Downloads go to `<file>.part` and are renamed only once the size matches, so an interrupted run resumes
+where it stopped (HTTP Range) when rerun, and finished files are skipped.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+# Instruct, not base: our conversations are ChatML, and the Instruct models already answer in that template
+# and stop on <|im_end|>; the paper fine-tunes all weights anyway, so nothing of base is lost.
+MODELS = {f"qwen2.5-{size}": (f"Qwen/Qwen2.5-{size.upper()}-Instruct", ["config.json", "tokenizer.json"])
+          for size in ("0.5b", "1.5b", "3b", "7b")}
+MODELS["clip-l-336"] = ("openai/clip-vit-large-patch14-336", ["config.json"])
+MODELS["dinov2-l"] = ("facebook/dinov2-large", ["config.json"])
+BUNDLES = {
+    f"all-{size}": [f"qwen2.5-{size}", "clip-l-336", "dinov2-l"] for size in ("0.5b", "1.5b", "3b", "7b")}
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+class NotOnHub(DownloadError):
+    """404: the file is not in the repository (used to probe the weight layouts)."""
+
+
+def hub_url(repo: str, filename: str) -> str:
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return f"{endpoint.rstrip('/')}/{repo}/resolve/main/{filename}"
+
+
+def new_session() -> requests.Session:
+    session = requests.Session()
+    # identity: a gzip-encoded body would not match Content-Length nor allow byte-range resumes
+    session.headers["Accept-Encoding"] = "identity"
+    if os.environ.get("HF_TOKEN"):
+        session.headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    return session
+
+
+def download_file(session: requests.Session, repo: str, filename: str, out_dir: Path) -> Path:
+    """Fetch one file into out_dir (resuming `<file>.part`), check its size, rename it into place."""
+    dest, url = out_dir / filename, hub_url(repo, filename)
+    if dest.exists():  # only complete files are ever renamed into place
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    try:
+        with session.get(url, stream=True, timeout=(15, 60),
+                         headers={"Range": f"bytes={have}-"} if have else {}) as resp:
+            if resp.status_code in (401, 403):
+                raise DownloadError(f"{url}: HTTP {resp.status_code} (gated, private or missing repo); set "
+                                    "HF_TOKEN to a Hub token that can read it and accept the model's terms")
+            if resp.status_code == 404:
+                raise NotOnHub(f"{url}: HTTP 404, file {filename!r} is not in {repo}")
+            if resp.status_code == 416:  # our .part is not a prefix the server can continue: start over
+                part.unlink()
+                return download_file(session, repo, filename, out_dir)
+            if resp.status_code not in (200, 206):
+                raise DownloadError(f"{url}: HTTP {resp.status_code}; rerun to retry")
+            if resp.status_code == 206:  # Content-Range: bytes START-END/TOTAL
+                span, _, total = resp.headers.get("Content-Range", "").removeprefix("bytes ").partition("/")
+                if span.split("-")[0] != str(have) or not total.isdigit():
+                    raise DownloadError(f"{url}: bad Content-Range {resp.headers.get('Content-Range')!r} for "
+                                        f"a resume at byte {have}; delete {part} and rerun")
+                total, mode = int(total), "ab"
+            else:  # 200: the whole file (the server ignored or was not asked for a range)
+                total, have, mode = int(resp.headers.get("Content-Length", -1)), 0, "wb"
+            with open(part, mode) as f, tqdm(total=total if total >= 0 else None, initial=have, unit="B",
+                                             unit_scale=True, unit_divisor=1024, desc=filename) as bar:
+                for chunk in resp.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except requests.RequestException as e:  # connection reset, timeout, body cut short (IncompleteRead)
+        raise DownloadError(f"{url}: network error ({e}); rerun the same command to resume {part}") from e
+    size = part.stat().st_size
+    if total >= 0 and size != total:
+        raise DownloadError(f"{url}: got {size} of {total} bytes; rerun the same command to resume {part}")
+    part.replace(dest)  # atomic on one filesystem: dest exists only when complete
+    return dest
+
+
+def download_weights(session: requests.Session, repo: str, out_dir: Path) -> list[Path]:
+    """Sharded safetensors (index + shards), else one model.safetensors, else pytorch_model.bin."""
+    layouts = ["model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"]
+    present = [name for name in layouts if (out_dir / name).exists()]  # reuse a finished layout, no probing
+    for name in present[:1] + layouts:
+        try:
+            path = download_file(session, repo, name, out_dir)
+        except NotOnHub:
+            continue
+        if name == "pytorch_model.bin":
+            print(f"{repo} has no safetensors; convert once with: python encoders.py convert {out_dir}")
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise DownloadError(f"{path}: not a safetensors index with a 'weight_map' ({e}); delete it and "
+                                "rerun") from e
+        return [path] + [download_file(session, repo, shard, out_dir) for shard in shards]
+    raise DownloadError(f"{repo}: no model.safetensors[.index.json] nor pytorch_model.bin on the Hub")
+
+
+def download(name: str, out: str | Path = "weights") -> Path:
+    """Download checkpoint `name` (a key of MODELS) into out/name and return that directory."""
+    repo, files = MODELS[name]
+    out_dir = Path(out) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with new_session() as session:
+        for filename in files:
+            download_file(session, repo, filename, out_dir)
+        download_weights(session, repo, out_dir)
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="+", choices=[*MODELS, *BUNDLES], metavar="NAME",
+                        help=f"one or more of: {', '.join([*MODELS, *BUNDLES])}")
+    parser.add_argument("--out", default="weights", help="parent directory (default: weights/)")
+    args = parser.parse_args(argv)
+    names = [n for name in args.names for n in BUNDLES.get(name, [name])]
+    for name in dict.fromkeys(names):  # dedupe, keep order
+        print(f"{name}: {MODELS[name][0]} -> {Path(args.out) / name}")
+        try:
+            download(name, args.out)
+        except DownloadError as e:
+            sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

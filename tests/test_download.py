@@ -1,0 +1,170 @@
+"""download.py against a loopback HTTP server laying files out like the Hub (/{repo}/resolve/main/...)."""
+
+import json
+import os
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import download
+
+TOKEN = "hf_test_token"
+
+
+class FakeHub:
+    """Serves `files` {"/repo/resolve/main/file": bytes}; records (path, headers) of each request.
+
+    Paths in `truncate` get their first response cut after half the body (Content-Length still announces
+    the whole), as when a connection drops mid-download. Requests without the Bearer token get 401."""
+
+    def __init__(self):
+        self.files, self.requests, self.truncate = {}, [], set()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                hub.requests.append((self.path, dict(self.headers)))
+                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                    return self.send_error(401)
+                if self.path not in hub.files:
+                    return self.send_error(404)
+                data, start = hub.files[self.path], 0
+                if "Range" in self.headers:  # only the "bytes=START-" form download.py sends
+                    start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        return self.end_headers()
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.path in hub.truncate:
+                    hub.truncate.discard(self.path)
+                    body = body[: len(body) // 2]  # then HTTP/1.0 closes the connection: a short body
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def add(self, repo, filename, data):
+        self.files[f"/{repo}/resolve/main/{filename}"] = data
+        return data
+
+    def paths(self):
+        return [path for path, _ in self.requests]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    server = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.url + "/")  # trailing slash as users often write it
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def blob(n, seed=0):
+    return random.Random(seed).randbytes(n)
+
+
+def test_all_bundle_single_file_and_bin_fallback(hub, tmp_path, capsys):
+    qwen, clip, dino = (download.MODELS[n][0] for n in ("qwen2.5-0.5b", "clip-l-336", "dinov2-l"))
+    want = {
+        "qwen2.5-0.5b": {f: hub.add(qwen, f, blob(n, i)) for i, (f, n) in enumerate(
+            [("config.json", 50), ("tokenizer.json", 300), ("model.safetensors", 3 << 20)])},
+        "clip-l-336": {f: hub.add(clip, f, blob(n, i)) for i, (f, n) in
+                       enumerate([("config.json", 40), ("pytorch_model.bin", 5000)])},
+        "dinov2-l": {f: hub.add(dino, f, blob(n, i)) for i, (f, n) in
+                     enumerate([("config.json", 30), ("model.safetensors", 7000)])},
+    }
+    download.main(["all-0.5b", "--out", str(tmp_path)])
+    for name, files in want.items():
+        assert sorted(os.listdir(tmp_path / name)) == sorted(files)  # no .part left, nothing extra
+        for filename, data in files.items():
+            assert (tmp_path / name / filename).read_bytes() == data
+    assert f"python encoders.py convert {tmp_path / 'clip-l-336'}" in capsys.readouterr().out
+    assert all(headers.get("Authorization") == f"Bearer {TOKEN}" for _, headers in hub.requests)
+    assert f"/{qwen}/resolve/main/model.safetensors.index.json" in hub.paths()  # probed, 404, moved on
+
+    hub.requests.clear()  # a rerun over a complete snapshot asks the server nothing
+    download.main(["all-0.5b", "--out", str(tmp_path)])
+    assert hub.requests == []
+
+
+def test_sharded_snapshot(hub, tmp_path):
+    repo = download.MODELS["qwen2.5-3b"][0]
+    shards = {f"model-0000{i}-of-00002.safetensors": hub.add(repo, f"model-0000{i}-of-00002.safetensors",
+                                                              blob(4000 + i, i)) for i in (1, 2)}
+    weight_map = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                  "model.norm.weight": "model-00002-of-00002.safetensors",
+                  "lm_head.weight": "model-00002-of-00002.safetensors"}
+    index = {"metadata": {"total_size": 8003}, "weight_map": weight_map}
+    hub.add(repo, "model.safetensors.index.json", json.dumps(index).encode())
+    hub.add(repo, "config.json", b"{}")
+    hub.add(repo, "tokenizer.json", b"{}")
+    out = download.download("qwen2.5-3b", tmp_path)
+    for filename, data in shards.items():
+        assert (out / filename).read_bytes() == data
+    assert sorted(os.listdir(out)) == sorted([*shards, "model.safetensors.index.json", "config.json",
+                                              "tokenizer.json"])
+    assert not any(p.endswith("/model.safetensors") for p in hub.paths())  # the index was found first
+
+
+def test_partial_file_resumes_with_range(hub, tmp_path):
+    data = hub.add("org/repo", "model.safetensors", blob(10_000))
+    (tmp_path / "model.safetensors.part").write_bytes(data[:3000])
+    with download.new_session() as session:
+        path = download.download_file(session, "org/repo", "model.safetensors", tmp_path)
+    assert hub.requests[-1][1].get("Range") == "bytes=3000-"
+    assert path.read_bytes() == data and not (tmp_path / "model.safetensors.part").exists()
+
+
+def test_complete_part_file_is_restarted_after_416(hub, tmp_path):
+    data = hub.add("org/repo", "config.json", blob(100))
+    (tmp_path / "config.json.part").write_bytes(data + b"junk")  # longer than the file: cannot be resumed
+    with download.new_session() as session:
+        assert download.download_file(session, "org/repo", "config.json", tmp_path).read_bytes() == data
+
+
+def test_truncated_response_detected_then_rerun_completes(hub, tmp_path):
+    repo = download.MODELS["dinov2-l"][0]
+    hub.add(repo, "config.json", b"{}")
+    data = hub.add(repo, "model.safetensors", blob(3 << 20))  # > one 1 MiB read, so some bytes are kept
+    hub.truncate.add(f"/{repo}/resolve/main/model.safetensors")
+    with pytest.raises(download.DownloadError, match="rerun"):
+        download.download("dinov2-l", tmp_path)
+    part = tmp_path / "dinov2-l" / "model.safetensors.part"
+    assert not (tmp_path / "dinov2-l" / "model.safetensors").exists()
+    assert 0 < part.stat().st_size < len(data)
+    kept = part.stat().st_size
+    download.download("dinov2-l", tmp_path)
+    assert hub.requests[-1][1].get("Range") == f"bytes={kept}-"
+    assert (tmp_path / "dinov2-l" / "model.safetensors").read_bytes() == data and not part.exists()
+
+
+def test_404_names_the_file(hub, tmp_path):
+    repo = download.MODELS["qwen2.5-1.5b"][0]
+    hub.add(repo, "config.json", b"{}")  # tokenizer.json is missing
+    with pytest.raises(SystemExit, match=r"404.*'tokenizer.json' is not in Qwen/Qwen2.5-1.5B-Instruct"):
+        download.main(["qwen2.5-1.5b", "--out", str(tmp_path)])
+    assert not (tmp_path / "qwen2.5-1.5b" / "tokenizer.json.part").exists()
+
+
+def test_missing_token_says_set_hf_token(hub, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    hub.add(download.MODELS["dinov2-l"][0], "config.json", b"{}")
+    with pytest.raises(download.DownloadError, match="401.*HF_TOKEN"):
+        download.download("dinov2-l", tmp_path)
+    assert "Authorization" not in hub.requests[-1][1]
