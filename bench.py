@@ -20,6 +20,298 @@ def machine() -> str:
 BENCHMARKS = {}  # name -> function(argv: list[str]); each section below registers itself
 
 
+# ----------------------------------------------------------------------------- encoders
+
+
+def bench_encoders(argv: list[str]):
+    """Images/s of the full-size tower pair (CLIP-L/14-336 + DINOv2-L/14 at 336, random weights), ours vs
+    transformers' CLIPVisionModel + Dinov2Model in the same run: CPU fp32, plus CUDA bf16 when available.
+    Both produce the model's features (hidden_states[-2] patch tokens of each tower, concatenated): ours
+    runs the 23 blocks that needs, transformers all 24 with output_hidden_states, as LLaVA-style code does.
+    Options: --batch=32 --iters=3 --warmup=1."""
+    import time
+
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+    from encoders import CLIP_L14_336, DINOV2_L14, MultiScaleEncoder, VisionConfig
+
+    opts = dict(batch=32, iters=3, warmup=1)
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in opts or not value.isdigit():
+            sys.exit(f"bench encoders: unknown or non-integer option {arg!r}; options: {opts}")
+        opts[key] = int(value)
+    batch, iters, warmup = opts["batch"], opts["iters"], opts["warmup"]
+
+    def seconds(step, device) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def compare(device, dtype):  # one device: build both pairs, time both, free them on return
+        torch.manual_seed(0)
+        ours = MultiScaleEncoder([VisionConfig(**CLIP_L14_336), VisionConfig(**DINOV2_L14)]).to(device, dtype)
+        size = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
+        hf_clip = CLIPVisionModel(CLIPVisionConfig(intermediate_size=4096, image_size=336, **size))
+        hf_dino = Dinov2Model(Dinov2Config(mlp_ratio=4, image_size=518, **size))  # interpolates to 336
+        hf_clip, hf_dino = (m.to(device, dtype).eval() for m in (hf_clip, hf_dino))
+        pixels = torch.randn(batch, 2, 3, 336, 336, device=device, dtype=dtype)
+
+        def reference():
+            states = [m(pixels[:, t], output_hidden_states=True).hidden_states[-2][:, 1:]
+                      for t, m in enumerate((hf_clip, hf_dino))]
+            return torch.cat(states, dim=-1)
+
+        steps = {"ours (encoders.py)": lambda: ours(pixels), "transformers": reference}
+        times = {name: [] for name in steps}
+        with torch.inference_mode():
+            for _ in range(warmup):
+                for step in steps.values():
+                    step()
+            for _ in range(iters):  # alternate, so that a busy machine slows both alike
+                for name, step in steps.items():
+                    times[name].append(seconds(step, device))
+        for name, values in times.items():
+            median = sorted(values)[len(values) // 2]
+            print(f"| {device} | {str(dtype).removeprefix('torch.')} | {name} | {median:.2f} | "
+                  f"{batch / median:.2f} |", flush=True)
+
+    print(f"# full-size pair at 336 px, batch {batch}, {iters} timed iterations after {warmup} warm-up")
+    print("| device | dtype | implementation | s / batch (median) | images/s |")
+    print("|---|---|---|---|---|")
+    compare("cpu", torch.float32)
+    if torch.cuda.is_available():
+        compare("cuda", torch.bfloat16)
+
+
+BENCHMARKS["encoders"] = bench_encoders
+
+
+# ----------------------------------------------------------------------------- synth
+
+
+def _fake_synth_server(port_queue, latency: float):
+    """A loopback server in its own process (so that it does not share the client's GIL) answering every
+    synth.py step as a well-behaved VLM and /detect grounder would, each answer after `latency` seconds."""
+    import json
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import synth
+
+    step_of = {prompt.split("\n")[0]: step for step, prompt in synth.PROMPTS.items()}
+    objects = {"red square": [64, 96, 256, 288], "blue circle": [320, 160, 576, 448]}  # pixels of 640x480
+    answers = {
+        "recognize": {"objects": list(objects)},
+        "relations": {"relations": [["red_square-1", "left of", "blue_circle-1"]]},
+        "fine_grained": {
+            "descriptions": {"red_square-1": "the red square", "blue_circle-1": "the blue circle"},
+            "relation_qas": [{"question": "Where is [the square](red_square-1)?",
+                              "answer": "Left of [the circle](blue_circle-1)."}],
+            "choice_qas": [{"question": "Which is round?", "options": ["red_square-1", "blue_circle-1"],
+                            "answer": "blue_circle-1"}]},
+        "conversation": {"conversation": [{"question": "What is on the left?",
+                                           "answer": "[A square](red_square-1)."}]},
+        "description": {"description": "[A square](red_square-1) and [a circle](blue_circle-1)."},
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(latency)
+            if self.path == "/detect":
+                body = {"detections": [{"label": k, "box": v, "score": 0.9} for k, v in objects.items()]}
+            else:
+                text = request["messages"][-1]["content"][0]["text"]
+                content = json.dumps(answers[step_of[text.split("\n")[0]]])
+                message = {"role": "assistant", "content": content}
+                body = {"choices": [{"message": message, "finish_reason": "stop"}]}
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    port_queue.put(httpd.server_address[1])
+    httpd.serve_forever()
+
+
+def bench_synth(argv: list[str]):
+    """synth.py's throughput (images/s, requests/s) against a local fake server in another process, with
+    1 and 8 workers: --latency_ms=0 measures our own overhead (image encoding, JSON, threads, two fsyncs per
+    image), a latency per answer stands in for a model. No cache, so every request is sent.
+    Options: --images=48 --latency_ms=50."""
+    import contextlib
+    import io
+    import multiprocessing
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+
+    import synth
+
+    opts = dict(images=48, latency_ms=50)
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in opts or not value.isdigit():
+            sys.exit(f"bench synth: unknown or non-integer option {arg!r}; options: {opts}")
+        opts[key] = int(value)
+    print(f"# {opts['images']} images of 640x480 per run, 6 requests per image, fake server on loopback")
+    print("| latency/answer | workers | s | images/s | requests/s |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(opts["images"]):
+            img = Image.new("RGB", (640, 480), (i % 256, 120, 90))
+            ImageDraw.Draw(img).rectangle([64, 96, 256, 288], fill="red")
+            img.save(Path(tmp) / f"{i:04d}.jpg")
+        ctx = multiprocessing.get_context("spawn")
+        for latency_ms in sorted({0, opts["latency_ms"]}):
+            port_queue = ctx.Queue()
+            server = ctx.Process(target=_fake_synth_server, args=(port_queue, latency_ms / 1000), daemon=True)
+            server.start()
+            url = f"http://127.0.0.1:{port_queue.get(timeout=60)}"
+            for workers in (1, 8):
+                cfg = synth.SynthConfig(images=tmp, out=f"{tmp}/out_{latency_ms}_{workers}.jsonl", vlm=url,
+                                        vlm_model="fake", grounder=url, workers=workers, cache="none")
+                start = time.perf_counter()
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    counts = synth.synthesize(cfg)
+                seconds = time.perf_counter() - start
+                assert counts["images_done"] == opts["images"] and counts["samples"] > 0, counts
+                rates = f"{counts['images_done'] / seconds:.1f} | {counts['requests'] / seconds:.1f}"
+                print(f"| {latency_ms} ms | {workers} | {seconds:.2f} | {rates} |", flush=True)
+            server.terminate()
+            server.join()
+
+
+BENCHMARKS["synth"] = bench_synth
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def bench_decode(argv: list[str]):
+    """Decode tokens/s of the language model with random weights, batch 1 and 16: ours (model.py: static KV
+    cache, plus the torch.compile'd one-token step with --compile=1, the default on CUDA) vs transformers'
+    `generate` (greedy, its default dynamic cache, eager; --hf_static=1 adds its static cache + compile),
+    the same weights in the same run. Decode rate = B * (N - 1) / (t(N new tokens) - t(1 new token)), so the
+    prefill cancels. Memory traffic per step = weights + the KV cache read; "% roofline" compares it with a
+    device-to-device copy measured here. Sizes: 3b (Qwen2.5-3B; the CUDA default, bf16), 0.5b, tiny (4 layers
+    of width 256 with the full vocabulary; the CPU default, fp32).
+    Options: --size --prompt=600 --new=128 --batches=1,16 --iters=3 --compile --hf_static (CPU: 64, 32)."""
+    import functools
+    import time
+
+    import transformers
+
+    from model import Qwen2, Qwen2Config
+
+    cuda = torch.cuda.is_available()
+    opts = dict(size="3b" if cuda else "tiny", prompt=600 if cuda else 64, new=128 if cuda else 32,
+                batches="1,16", iters=3, compile=int(cuda), hf_static=0)
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in opts:
+            sys.exit(f"bench decode: unknown option {arg!r}; options: {opts}")
+        opts[key] = type(opts[key])(value)
+    sizes = {
+        "3b": Qwen2Config(),
+        "0.5b": Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                            num_attention_heads=14),
+        "tiny": Qwen2Config(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                            num_attention_heads=4),
+    }
+    if opts["size"] not in sizes:
+        sys.exit(f"bench decode: --size must be one of {', '.join(sizes)}")
+    c, device = sizes[opts["size"]], "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    # one set of random weights: transformers' model, whose tensors ours then shares (assign, no copy)
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, tie_word_embeddings=c.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+    with torch.device(device):
+        hf = transformers.Qwen2ForCausalLM(hf_config).to(dtype).eval()
+    with torch.device("meta"):
+        ours = Qwen2(c)
+    state = {k: v for k, v in hf.state_dict().items() if k in ours.state_dict()}  # tied: no lm_head
+    ours.load_state_dict(state, strict=True, assign=True)
+    weight_bytes = sum(v.numel() * v.element_size() for v in state.values())
+
+    def seconds(fn, *args) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(*args)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def median(fn, *args) -> float:
+        return sorted(seconds(fn, *args) for _ in range(opts["iters"]))[opts["iters"] // 2]
+
+    src = torch.ones(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.zeros_like(src)
+    copy_gbps = 2 * src.numel() / min(seconds(dst.copy_, src) for _ in range(5)) / 1e9  # read + write
+    del src, dst
+
+    def ours_gen(embeds, mask, n, compile=False):
+        return ours.generate(embeds, mask, max_new_tokens=n, compile=compile)
+
+    def hf_gen(ids, mask, n, **kw):
+        out = hf.generate(ids, attention_mask=mask.long(), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
+        return out[:, ids.shape[1]:].tolist()
+
+    P, N = opts["prompt"], opts["new"]
+    print(f"# Qwen2.5-{opts['size']} shape, {str(dtype).removeprefix('torch.')}, random weights "
+          f"({weight_bytes / 1e9:.2f} GB), prompt {P}, {N} new tokens, greedy, median of {opts['iters']}; "
+          f"copy bandwidth {copy_gbps:.0f} GB/s")
+    print("| batch | implementation | decode tok/s | ms / step | GB/s | % roofline | same tokens as HF |")
+    print("|---|---|---|---|---|---|---|")
+    for B in map(int, opts["batches"].split(",")):
+        ids = torch.randint(0, 151643, (B, P), device=device)
+        mask = torch.ones(B, P, dtype=torch.bool, device=device)
+        with torch.inference_mode():
+            embeds = ours.embed_tokens(ids)
+        runs = {"ours (model.py, eager)": functools.partial(ours_gen, embeds, mask)}
+        if opts["compile"]:
+            runs["ours (model.py, compiled step)"] = functools.partial(ours_gen, embeds, mask, compile=True)
+        runs["transformers generate (dynamic cache)"] = functools.partial(hf_gen, ids, mask)
+        if opts["hf_static"]:
+            runs["transformers generate (static cache)"] = functools.partial(hf_gen, ids, mask,
+                                                                             cache_implementation="static")
+        kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
+        kv_bytes = B * (P + N / 2) * kv_per_token  # the average KV cache read per step
+        with torch.inference_mode():
+            reference = hf_gen(ids, mask, N)
+            for name, run in runs.items():
+                same = run(N) == reference  # also the warm-up (and compilation)
+                run(1)
+                step = (median(run, N) - median(run, 1)) / (N - 1)
+                gbps = (weight_bytes + kv_bytes) / step / 1e9
+                print(f"| {B} | {name} | {B / step:.1f} | {step * 1e3:.2f} | {gbps:.0f} | "
+                      f"{100 * gbps / copy_gbps:.0f}% | {'yes' if same else 'no'} |", flush=True)
+
+
+BENCHMARKS["decode"] = bench_decode
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
         sys.exit(f"usage: python bench.py {{{','.join(sorted(BENCHMARKS))}}} [--key=value ...]")

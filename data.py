@@ -1,11 +1,38 @@
-"""Training and evaluation data: boxes as text, the conversation format, real dataset readers,
-the procedural shapes world, and batching.
+"""Training and evaluation data: boxes as text, the conversation format and its tokenization, readers for
+the real datasets, the sample builders of the paper's stage-2/3 kinds, the procedural shapes world, and
+batching.
 
 Every box in this project is `[x1,y1,x2,y2]` with values in [0, 1], three decimals, relative to the
 image padded to a square (pasted centred, LLaVA style). This file owns that convention.
+
+Commands:
+    python data.py convert {llava-pretrain,refcoco,rec-jsonl,vg,flickr30k} ... --out F.jsonl  # real data
+    python data.py shapes-splits --out data/shapes [--n 500]     # fixed REC and POPE eval files
+    python data.py shapes-tokenizer --out assets/shapes/tokenizer.json
+    python data.py baselines --split data/shapes/rec_testA.jsonl
+    python data.py throughput [--image-size 112] [--workers 2]   # samples/s through a DataLoader
+
+Pickle note: RefCOCO's refs(unc|umd).p are pickles, so reading one runs code: read only files you trust.
 """
 
+import json
+import math
+import os
+import pickle
+import random
 import re
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import numpy as np
+import tokenizers
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+
+from encoders import ImageProcessor, VisionConfig, crop_object, pad_to_square
 
 # ----------------------------------------------------------------------------- boxes as text
 
@@ -52,3 +79,1276 @@ def iou(a, b) -> float:
     area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])
     union = area(a) + area(b) - inter
     return inter / union if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- tokenizer and chat template
+
+# Qwen2.5's added tokens (ids 151643-151664 there). The shapes tokenizer carries the same names, other ids.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+]
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+REC_PROMPT = "Output the coordinate of {}"  # the paper's REC prompt; training and evaluation both use this
+IGNORE = -100  # label of tokens without loss
+MARKER_RE = re.compile(r"(<image>|<object>)")
+ROLES = {"human": "user", "gpt": "assistant"}
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES_TOKENIZER = os.path.join(HERE, "assets", "shapes", "tokenizer.json")  # made by `shapes-tokenizer`
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids of the tokens this project uses, looked up by name."""
+
+    IDS = {
+        "pad_id": "<|endoftext|>", "im_start_id": "<|im_start|>", "im_end_id": "<|im_end|>",
+        "vision_start_id": "<|vision_start|>", "vision_end_id": "<|vision_end|>",
+        "image_pad_id": "<|image_pad|>", "object_pad_id": "<|vision_pad|>",
+    }
+
+    def __init__(self, tok: tokenizers.Tokenizer, path: str = "<memory>"):
+        self.tok, self.path = tok, path
+        for attr, name in self.IDS.items():
+            token_id = tok.token_to_id(name)
+            if token_id is None:
+                raise ValueError(f"{path}: the tokenizer has no {name} token; this project needs Qwen2.5's "
+                                 f"special tokens ({', '.join(self.IDS.values())})")
+            setattr(self, attr, token_id)
+        self.stop_ids = [self.im_end_id, self.pad_id]
+        # Qwen's embedding has padding rows above its last real token: generation must never sample them.
+        self.sampleable_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+
+    @classmethod
+    def from_file(cls, path: str) -> "Tokenizer":
+        return cls(tokenizers.Tokenizer.from_file(path), path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids  # Qwen never adds a BOS
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+def encode_with_markers(tok: Tokenizer, text: str, num_image_tokens: int, num_object_tokens: int
+                        ) -> list[int]:
+    """Text -> ids; each `<image>` becomes vision_start + image_pad*N + vision_end, each `<object>` the same
+    with object_pad. Text between markers is encoded on its own, as a tokenizer does at special tokens."""
+    runs = {"<image>": [tok.image_pad_id] * num_image_tokens,
+            "<object>": [tok.object_pad_id] * num_object_tokens}
+    ids = []
+    for part in MARKER_RE.split(text):
+        if part in runs:
+            ids += [tok.vision_start_id] + runs[part] + [tok.vision_end_id]
+        elif part:
+            ids += tok.encode(part)
+    return ids
+
+
+def encode_conversation(tok: Tokenizer, conversations: list[dict], num_image_tokens: int,
+                        num_object_tokens: int, system: str | None = None) -> tuple[list[int], list[int]]:
+    """ChatML ids and labels. Labels are IGNORE except on each assistant answer and its <|im_end|>:
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{human}<|im_end|>\\n<|im_start|>assistant\\n
+    {gpt}<|im_end|>\\n ... Markers are expanded in human turns (validate_sample keeps them out of answers)."""
+    ids = [tok.im_start_id] + tok.encode("system\n" + (DEFAULT_SYSTEM if system is None else system))
+    ids += [tok.im_end_id] + tok.encode("\n")
+    labels = [IGNORE] * len(ids)
+    for turn in conversations:
+        role = ROLES[turn["from"]]
+        if role == "user":
+            turn_ids = encode_with_markers(tok, "user\n" + turn["value"], num_image_tokens, num_object_tokens)
+            turn_labels = [IGNORE] * len(turn_ids)
+        else:
+            # Encoded as one string like the full template would be; the answer's tokens are those ending
+            # after the header (a token straddling it, e.g. "\n\n" when the answer starts with "\n", counts).
+            header = "assistant\n"
+            enc = tok.tok.encode(header + turn["value"], add_special_tokens=False)
+            turn_ids = enc.ids
+            turn_labels = [i if end > len(header) else IGNORE for i, (_, end) in zip(enc.ids, enc.offsets)]
+        ids += [tok.im_start_id] + turn_ids + [tok.im_end_id]
+        labels += [IGNORE] + turn_labels + [tok.im_end_id if role == "assistant" else IGNORE]
+        newline = tok.encode("\n")
+        ids += newline
+        labels += [IGNORE] * len(newline)
+    return ids, labels
+
+
+def encode_prompt(tok: Tokenizer, user_text: str, num_image_tokens: int, num_object_tokens: int,
+                  system: str | None = None) -> list[int]:
+    """A one-turn prompt ending with `<|im_start|>assistant\\n`, ready for generation."""
+    ids, _ = encode_conversation(tok, [{"from": "human", "value": user_text}], num_image_tokens,
+                                 num_object_tokens, system)
+    return ids + [tok.im_start_id] + tok.encode("assistant\n")
+
+
+# ----------------------------------------------------------------------------- the sample format, validated
+
+
+class SampleError(ValueError):
+    """A bad sample. `reason` is the short name under which skip mode counts it."""
+
+    def __init__(self, where: str, reason: str, detail: str):
+        super().__init__(f"{where}: {reason}: {detail}")
+        self.reason = reason
+
+
+class SkipCounter:
+    """Samples skipped for bad input, by reason. The counts live in a shared-memory tensor, one row per
+    DataLoader worker (row 0: the main process), so skips found inside workers reach the training loop."""
+
+    REASONS = ("malformed line", "bad sample", "bad box", "<object> without its box",
+               "<image> without an image", "missing image", "corrupt image", "too long", "cut to max_len")
+
+    def __init__(self, max_workers: int = 64):
+        self.counts = torch.zeros(max_workers + 1, len(self.REASONS), dtype=torch.int64).share_memory_()
+
+    def add(self, reason: str):
+        worker = torch.utils.data.get_worker_info()
+        self.counts[0 if worker is None else 1 + worker.id, self.REASONS.index(reason)] += 1
+
+    def totals(self) -> dict[str, int]:
+        return {r: int(n) for r, n in zip(self.REASONS, self.counts.sum(0)) if n}
+
+    def __str__(self):
+        totals = self.totals()
+        return ", ".join(f"{n} {r}" for r, n in totals.items()) if totals else "no bad samples"
+
+
+SKIPPED = SkipCounter()  # what `skip_bad=True` counts into; the training loop prints it at the end
+
+
+def _counter(skip_bad) -> SkipCounter | None:
+    return SKIPPED if skip_bad is True else (skip_bad or None)
+
+
+def check_box(box, where: str):
+    ok = isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+    if not ok:
+        raise SampleError(where, "bad box", f"{box!r} is not [x1,y1,x2,y2]")
+    if not all(0.0 <= v <= 1.0 for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+        raise SampleError(where, "bad box", f"{box!r} must lie in [0,1] with x1<x2 and y1<y2 (normalized on "
+                                            "the padded square; convert pixel boxes with data.pixels_to_box)")
+
+
+def validate_sample(sample, where: str, image_root: str = "", check_file: bool = True):
+    """Raise SampleError naming `where` if the sample breaks the format (see SPEC: the sample format)."""
+    if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+        raise SampleError(where, "bad sample", "expected an object with a 'conversations' list")
+    n_image = n_object = 0
+    for k, turn in enumerate(sample["conversations"]):
+        if not (isinstance(turn, dict) and turn.get("from") in ROLES and isinstance(turn.get("value"), str)):
+            raise SampleError(where, "bad sample", f"turn {k} is not {{'from': 'human'|'gpt', 'value': str}}")
+        if turn["from"] == "gpt" and MARKER_RE.search(turn["value"]):
+            raise SampleError(where, "bad sample", f"turn {k}: <image>/<object> belong in human turns only")
+        n_image += turn["value"].count("<image>")
+        n_object += turn["value"].count("<object>")
+    if not any(t["from"] == "gpt" for t in sample["conversations"]):
+        raise SampleError(where, "bad sample", "no 'gpt' turn: nothing to train on")
+    has_image = sample.get("image") is not None
+    if n_image > 1 or (has_image and n_image == 0):
+        raise SampleError(where, "bad sample", f"an image needs exactly one <image> marker, found {n_image}")
+    if (n_image or n_object) and not has_image:
+        raise SampleError(where, "<image> without an image", "the text has <image>/<object> but no 'image'")
+    boxes = sample.get("objects") or []
+    for box in boxes:
+        check_box(box, where)
+    if n_object > len(boxes):
+        raise SampleError(where, "<object> without its box",
+                          f"{n_object} <object> markers but {len(boxes)} boxes in 'objects'")
+    if check_file and isinstance(sample.get("image"), str):
+        path = os.path.join(image_root, sample["image"])
+        if not os.path.isfile(path):
+            raise SampleError(where, "missing image", f"{path} does not exist (check --image_root)")
+
+
+def _records(path: str):
+    """(where, parsed object or the JSONDecodeError) for each record of a JSON list or a JSONL file."""
+    text = open(path, encoding="utf-8").read()
+    try:
+        parsed = json.loads(text)
+        if isinstance(parsed, list):
+            yield from ((f"{path} item {k}", item) for k, item in enumerate(parsed))
+            return
+    except json.JSONDecodeError as e:
+        if not path.endswith(".jsonl") and "Extra data" not in e.msg:  # "Extra data": JSONL named .json
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{lineno}", e
+
+
+def _located(sample: dict, where: str, image_root: str) -> dict:
+    return {**sample, "where": where, "image_root": image_root}  # what SFTDataset needs to find the image
+
+
+def load_samples(paths, image_root: str = "", skip_bad=False) -> list[dict]:
+    """Samples from JSON (a list) or JSONL files (a str with commas or a list of paths), validated.
+    Each sample gets "where" ("file:line") for later errors and "image_root" (its image path stays as given).
+    A bad record raises SampleError, or with `skip_bad` (True: count into SKIPPED; or a SkipCounter) is
+    skipped and counted."""
+    paths = [p for p in paths.split(",") if p] if isinstance(paths, str) else list(paths)
+    counter, samples = _counter(skip_bad), []
+    for path in paths:
+        for where, record in _records(path):
+            try:
+                if isinstance(record, json.JSONDecodeError):
+                    raise SampleError(where, "malformed line", record.msg)
+                validate_sample(record, where, image_root)
+            except SampleError as e:
+                if counter is None:
+                    raise
+                counter.add(e.reason)
+                continue
+            samples.append(_located(record, where, image_root))
+    return samples
+
+
+# ----------------------------------------------------------------------------- readers of the real datasets
+# Referring records: {"image", "width", "height", "expression", "bbox" (pixels xyxy), "where"}.
+# Grounded images: {"image", "width", "height", "objects": [{"name", "box" (normalized, padded square)}]}, the
+# input of the stage-2/3 builders below; optional "descriptions": texts with boxes already inside.
+
+# LLaVA's brief-description instructions (LLaVA paper, Table 8): stage 1 samples one per caption.
+BRIEF_INSTRUCTIONS = [
+    "Describe the image concisely.", "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.", "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+]
+
+
+def caption_sample(image, caption: str, rng: random.Random, sample_id="") -> dict:
+    """A stage-1 sample: a sampled brief instruction before or after <image>, the caption as the answer."""
+    instruction = rng.choice(BRIEF_INSTRUCTIONS)
+    prompt = f"{instruction}\n<image>" if rng.random() < 0.5 else f"<image>\n{instruction}"
+    return {"id": sample_id, "image": image,
+            "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]}
+
+
+def read_llava_pretrain(path: str, image_root: str = "", seed: int = 0, skip_bad=False,
+                        check_file: bool = True) -> list[dict]:
+    """LLaVA-Pretrain: `blip_laion_cc_sbu_558k.json` (already conversations with a sampled instruction) or its
+    `_meta.json` ({"id", "image", "blip_caption"}), whose captions get an instruction sampled here."""
+    rng, samples, counter = random.Random(seed), [], _counter(skip_bad)
+    for where, record in _records(path):
+        try:
+            if isinstance(record, dict) and "conversations" not in record and "blip_caption" in record:
+                record = caption_sample(record.get("image"), record["blip_caption"], rng, record.get("id"))
+            if isinstance(record, json.JSONDecodeError):
+                raise SampleError(where, "malformed line", record.msg)
+            validate_sample(record, where, image_root, check_file)
+        except SampleError as e:
+            if counter is None:
+                raise
+            counter.add(e.reason)
+            continue
+        samples.append(_located(record, where, image_root))
+    return samples
+# LLaVA-v1.5-mix665k and ShareGPT4V are in the sample format already (text-only samples too): load_samples.
+
+
+def read_refcoco(instances_json: str, refs_pickle: str, split: str, image_dir: str = "") -> list[dict]:
+    """RefCOCO/+/g as published: COCO `instances.json` + `refs(unc).p` / `refs(umd).p` (a pickled list of
+    {ref_id, ann_id, image_id, split, sentences: [{sent}]}); one record per sentence of `split`."""
+    coco = json.load(open(instances_json))
+    images = {im["id"]: im for im in coco["images"]}
+    anns = {a["id"]: a for a in coco["annotations"]}
+    with open(refs_pickle, "rb") as f:
+        refs = pickle.load(f, encoding="latin1")  # the published pickles were written by Python 2
+    records = []
+    for ref in refs:
+        if ref["split"] != split:
+            continue
+        image, (x, y, w, h) = images[ref["image_id"]], anns[ref["ann_id"]]["bbox"]  # COCO boxes are xywh
+        for sentence in ref["sentences"]:
+            records.append({"image": os.path.join(image_dir, image["file_name"]), "width": image["width"],
+                            "height": image["height"], "expression": sentence["sent"],
+                            "bbox": [x, y, x + w, y + h], "where": f"{refs_pickle} ref {ref['ref_id']}"})
+    if not records:
+        splits = sorted({r["split"] for r in refs})
+        raise ValueError(f"{refs_pickle}: no refs in split {split!r}; it has {splits}")
+    return records
+
+
+def read_rec_jsonl(path: str, image_dir: str = "") -> list[dict]:
+    """The common REC jsonl layout: {"img_path", "expression", "bbox": [x1,y1,x2,y2] pixels, "width",
+    "height"} (Shikra's REC_refcoco_unc_val.jsonl, and the shapes eval splits)."""
+    records = []
+    for where, r in _records(path):
+        if isinstance(r, json.JSONDecodeError):
+            raise SampleError(where, "malformed line", r.msg)
+        missing = [k for k in ("img_path", "expression", "bbox", "width", "height") if k not in r]
+        if missing:
+            raise SampleError(where, "bad sample", f"missing keys {missing}")
+        records.append({"image": os.path.join(image_dir, r["img_path"]), "width": r["width"], "where": where,
+                        "height": r["height"], "expression": r["expression"], "bbox": r["bbox"]})
+    return records
+
+
+def read_visual_genome(region_json: str, image_data_json: str, image_dir: str = "") -> list[dict]:
+    """Visual Genome region descriptions -> grounded images. `region_descriptions.json`: [{"id", "regions":
+    [{"region_id", "image_id", "phrase", "x", "y", "width", "height"}]}]; `image_data.json` gives sizes and
+    the folder (VG_100K or VG_100K_2, from the url). Regions are clipped to the image; empty ones dropped."""
+    meta = {m.get("image_id", m.get("id")): m for m in json.load(open(image_data_json))}
+    grounded = []
+    for entry in json.load(open(region_json)):
+        m = meta[entry["id"]]
+        w, h = m["width"], m["height"]
+        folder = m["url"].rstrip("/").split("/")[-2] if m.get("url") else ""
+        objects = []
+        for r in entry["regions"]:
+            x1, y1 = max(r["x"], 0), max(r["y"], 0)
+            x2, y2 = min(r["x"] + r["width"], w), min(r["y"] + r["height"], h)
+            if x2 > x1 and y2 > y1 and r["phrase"].strip():
+                objects.append({"name": r["phrase"].strip(), "box": pixels_to_box([x1, y1, x2, y2], w, h)})
+        grounded.append({"image": os.path.join(image_dir, folder, f"{entry['id']}.jpg"), "width": w,
+                         "height": h, "objects": objects, "where": f"{region_json} image {entry['id']}"})
+    return grounded
+
+
+FLICKR_PHRASE_RE = re.compile(r"\[/EN#(\d+)((?:/[\w-]+)+) ([^\]]+)\]")
+
+
+def _ground_sentence(line: str, boxes: dict, names: dict) -> str:
+    """A Flickr30K Entities sentence with each `[/EN#id/type phrase]` replaced by the phrase and its boxes."""
+    out, last = [], 0
+    for m in FLICKR_PHRASE_RE.finditer(line):
+        entity, phrase = m.group(1), m.group(3)
+        names.setdefault(entity, phrase)
+        found = boxes.get(entity) if entity != "0" else None  # EN#0: "notvisual"
+        grounded = phrase + (" " + ";".join(format_box(b) for b in found) if found else "")
+        out += [line[last:m.start()], grounded]
+        last = m.end()
+    return "".join(out) + line[last:]
+
+
+def read_flickr30k_entities(root: str, image_ids: list[str], image_dir: str = "") -> list[dict]:
+    """Flickr30K Entities (`Sentences/{id}.txt` with `[/EN#id/type phrase]` markup, `Annotations/{id}.xml`
+    with 1-based inclusive pixel boxes) -> grounded images. "descriptions": each sentence with every boxed
+    phrase followed by its boxes ("a dog [..]", several joined by ';'); "objects": entities with one box."""
+    grounded = []
+    for image_id in image_ids:
+        xml = ET.parse(os.path.join(root, "Annotations", f"{image_id}.xml")).getroot()
+        w, h = int(xml.find("size/width").text), int(xml.find("size/height").text)
+        boxes: dict[str, list] = {}
+        for obj in xml.findall("object"):
+            bb = obj.find("bndbox")
+            if bb is None:
+                continue  # <nobndbox>: not visible, or the whole scene
+            px = [int(bb.find(k).text) - 1 for k in ("xmin", "ymin", "xmax", "ymax")]
+            for name in obj.findall("name"):  # one box may belong to several entities
+                boxes.setdefault(name.text, []).append(pixels_to_box(px, w, h))
+        names = {}  # entity -> its first phrase
+        lines = open(os.path.join(root, "Sentences", f"{image_id}.txt"), encoding="utf-8").read().splitlines()
+        descriptions = [_ground_sentence(line.strip(), boxes, names) for line in lines if line.strip()]
+        objects = [{"name": names[e], "box": b[0]} for e, b in boxes.items() if len(b) == 1 and e in names]
+        grounded.append({"image": os.path.join(image_dir, f"{image_id}.jpg"), "width": w, "height": h,
+                         "objects": objects, "descriptions": descriptions,
+                         "where": f"{root}/Annotations/{image_id}.xml"})
+    return grounded
+
+
+# ----------------------------------------------------------------------------- stage-2 and stage-3 builders
+# Each builder takes a grounded image and a random.Random and returns one sample (None when the image cannot
+# make that kind, e.g. a choice among objects needs two that do not overlap). Real data and the shapes world
+# share them.
+
+REG_PROMPTS = [
+    "What is in the region {}? Answer with a short phrase.", "Describe the object at {} briefly.",
+    "Give a short description of the region {}.", "Provide a referring expression for the object at {}.",
+]
+OBJECT_TO_BOX_PROMPTS = [REC_PROMPT.format("<object>"),
+                         "Where is the object shown in <object> in the image? Answer with its coordinates."]
+LETTERS = "ABCDEF"
+
+
+def _sample(grounded: dict, human: str, answer: str, objects=()) -> dict:
+    sample = {"image": grounded["image"], "conversations": [{"from": "human", "value": "<image>\n" + human},
+                                                            {"from": "gpt", "value": answer}]}
+    if objects:
+        sample["objects"] = [list(b) for b in objects]
+    return sample
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+
+
+def group_referring(records: list[dict]) -> list[dict]:
+    """Referring records -> one grounded image per image, each expression an object with its box moved onto
+    the padded square (an object with several expressions appears once per expression)."""
+    by_image = {}
+    for r in records:
+        grounded = by_image.setdefault(r["image"], {"image": r["image"], "width": r["width"],
+                                                    "height": r["height"], "objects": []})
+        box = pixels_to_box(r["bbox"], r["width"], r["height"])
+        grounded["objects"].append({"name": r["expression"], "box": box})
+    return list(by_image.values())
+
+
+def rec_sample(grounded, rng, target=None):
+    """text -> coordinates: the paper's REC prompt, the box as the answer."""
+    obj = target or rng.choice(grounded["objects"])
+    return _sample(grounded, REC_PROMPT.format(obj["name"]), format_box(obj["box"]))
+
+
+def reg_sample(grounded, rng, target=None):
+    """coordinates -> text: describe the region at a box."""
+    obj = target or rng.choice(grounded["objects"])
+    return _sample(grounded, rng.choice(REG_PROMPTS).format(format_box(obj["box"])), obj["name"])
+
+
+def object_to_box_sample(grounded, rng, target=None):
+    """object image -> coordinates: where is the object shown in this crop?"""
+    obj = target or rng.choice(grounded["objects"])
+    return _sample(grounded, rng.choice(OBJECT_TO_BOX_PROMPTS), format_box(obj["box"]), [obj["box"]])
+
+
+def _options(grounded, rng, target, max_options=4):
+    """The target among up to max_options objects whose boxes overlap neither it nor each other much (the
+    paper filters high-IoU options); None when there is no distractor."""
+    options = [target]
+    for obj in rng.sample(grounded["objects"], len(grounded["objects"])):
+        if len(options) < max_options and all(iou(obj["box"], o["box"]) < 0.5 for o in options):
+            options.append(obj)
+    if len(options) < 2:
+        return None
+    rng.shuffle(options)
+    listing = " ".join(f"({LETTERS[k]}) <object>" for k in range(len(options)))
+    return options, listing, f"({LETTERS[options.index(target)]})"
+
+
+def box_to_object_sample(grounded, rng, target=None):
+    """coordinates -> object image: which of these crops shows the object at the box?"""
+    target = target or rng.choice(grounded["objects"])
+    found = _options(grounded, rng, target)
+    if found is None:
+        return None
+    options, listing, answer = found
+    human = f"Which object image shows the object at {format_box(target['box'])}? {listing}"
+    return _sample(grounded, human, answer, [o["box"] for o in options])
+
+
+def text_to_object_sample(grounded, rng, target=None):
+    """text -> object image: which of these crops answers the question?"""
+    target = target or rng.choice(grounded["objects"])
+    found = _options(grounded, rng, target)
+    if found is None:
+        return None
+    options, listing, answer = found
+    human = f"Which of these object images shows {target['name']}? {listing}"
+    return _sample(grounded, human, answer, [o["box"] for o in options])
+
+
+def relation(a, b) -> str:
+    """Where box a lies relative to box b, along the axis where their centres differ most."""
+    dx = (a[0] + a[2] - b[0] - b[2]) / 2
+    dy = (a[1] + a[3] - b[1] - b[3]) / 2
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx < 0 else "to the right of"
+    return "above" if dy < 0 else "below"
+
+
+def relation_sample(grounded, rng, target=None):
+    """object image <-> object image: where is the first crop's object relative to the second's?"""
+    a = target or rng.choice(grounded["objects"])
+    others = [o for o in grounded["objects"] if iou(o["box"], a["box"]) < 0.5]  # not a itself, by any name
+    if not others:
+        return None
+    b = rng.choice(others)
+    human = "Where is the object in <object> relative to the object in <object>?"
+    answer = f"The first object is {relation(a['box'], b['box'])} the second."
+    return _sample(grounded, human, answer, [a["box"], b["box"]])
+
+
+STAGE2_KINDS = {  # name -> (builder, share of stage-2 samples; text<->coordinates dominate, as in the paper)
+    "rec": (rec_sample, 0.45), "reg": (reg_sample, 0.2), "object_to_box": (object_to_box_sample, 0.15),
+    "box_to_object": (box_to_object_sample, 0.07), "text_to_object": (text_to_object_sample, 0.07),
+    "relation": (relation_sample, 0.06),
+}
+
+CONVERSATION_QUESTIONS = [  # (question, answer) templates of the grounding conversation, about one object
+    ("Where is {name}?", "{Name} is at {box}."),
+    ("What is at {box}?", "{Name}."),
+    ("Can you find {name}? Give its coordinates.", "Yes, {name} is at {box}."),
+]
+
+
+def grounding_conversation_sample(grounded, rng, rounds=3):
+    """Stage 3: several rounds of point-to-point questions about objects of the image."""
+    objects = rng.sample(grounded["objects"], min(rounds, len(grounded["objects"])))
+    conversations = []
+    for k, obj in enumerate(objects):
+        q, a = rng.choice(CONVERSATION_QUESTIONS)
+        fields = {"name": obj["name"], "Name": _capitalized(obj["name"]), "box": format_box(obj["box"])}
+        conversations += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q.format(**fields)},
+                          {"from": "gpt", "value": a.format(**fields)}]
+    return {"image": grounded["image"], "conversations": conversations}
+
+
+DESCRIPTION_PROMPT = "Describe the image in detail, giving the coordinates of each object you mention."
+
+
+def _listing(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def grounding_description_sample(grounded, rng):
+    """Stage 3: a description of the whole image in which each mentioned object carries its box (the
+    grounded image's own descriptions when it has them, as Flickr30K Entities does)."""
+    if grounded.get("descriptions"):
+        answer = " ".join(grounded["descriptions"])
+    else:
+        answer = "The image shows " + _listing([f"{o['name']} {format_box(o['box'])}"
+                                                for o in grounded["objects"]]) + "."
+    return _sample(grounded, DESCRIPTION_PROMPT, answer)
+
+
+def stage2_samples(grounded_images: list[dict], seed: int = 0) -> list[dict]:
+    """One sample per object of every grounded image, of a kind drawn by the STAGE2_KINDS shares (REC when
+    the image cannot make the kind drawn)."""
+    rng, samples = random.Random(seed), []
+    kinds, shares = list(STAGE2_KINDS), [share for _, share in STAGE2_KINDS.values()]
+    for grounded in grounded_images:
+        for obj in grounded["objects"]:
+            build = STAGE2_KINDS[rng.choices(kinds, shares)[0]][0]
+            samples.append(build(grounded, rng, obj) or rec_sample(grounded, rng, obj))
+    return samples
+
+
+def stage3_samples(grounded_images: list[dict], seed: int = 0) -> list[dict]:
+    """A grounding conversation and a grounding description for every grounded image with objects."""
+    rng, samples = random.Random(seed), []
+    for grounded in grounded_images:
+        if grounded["objects"]:
+            samples.append(grounding_conversation_sample(grounded, rng))
+            samples.append(grounding_description_sample(grounded, rng))
+    return samples
+
+
+# ----------------------------------------------------------------------------- the shapes world: scenes
+
+SHAPES = {"circle": 4, "square": 3, "triangle": 3, "diamond": 2}  # name -> sampling weight (POPE "popular")
+COLORS = {  # name -> (RGB, sampling weight)
+    "red": ((215, 45, 45), 5), "green": ((45, 165, 65), 4), "blue": ((45, 85, 215), 4),
+    "yellow": ((235, 205, 40), 3), "purple": ((140, 65, 185), 3), "orange": ((240, 135, 30), 2),
+}
+BACKGROUNDS = {"grey": (128, 128, 128), "dark grey": (70, 70, 75), "beige": (185, 175, 150),
+               "slate": (95, 110, 125), "olive": (100, 105, 75), "light grey": (205, 205, 200)}
+NOISE_SIDE = 640  # the largest image side the precomputed noise covers
+
+
+@dataclass
+class SceneConfig:
+    """Scene difficulty. A training preset can make a curriculum of it: one big object first, more later."""
+    min_objects: int = 1
+    max_objects: int = 4
+    min_size: float = 0.2  # object side as a fraction of the image's short side
+    max_size: float = 0.45
+    min_side: int = 160  # the image's long side in pixels
+    max_side: int = 320
+    duplicate_prob: float = 0.3  # chance a new object repeats an earlier one's shape: relations become needed
+
+
+@dataclass
+class ShapeObject:
+    shape: str
+    color: str
+    size: str  # "small" | "big": two bands of object sizes with a gap between them, so the words are clear
+    box: tuple  # pixels (x1, y1, x2, y2), x2/y2 exclusive
+    rgb: tuple  # the colour drawn (the named colour, jittered)
+
+    @property
+    def category(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+@dataclass
+class Scene:
+    width: int
+    height: int
+    background: str
+    objects: list
+    noise_offset: tuple  # where this scene's window lies in the shared noise pool
+
+    def draw(self) -> Image.Image:
+        ox, oy = self.noise_offset
+        img = Image.fromarray(_noisy_background(self.background)[oy:oy + self.height, ox:ox + self.width])
+        draw = ImageDraw.Draw(img)
+        for o in self.objects:
+            x1, y1, x2, y2 = o.box[0], o.box[1], o.box[2] - 1, o.box[3] - 1  # drawn extent is inclusive
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            if o.shape == "circle":
+                draw.ellipse([x1, y1, x2, y2], fill=o.rgb)
+            elif o.shape == "square":
+                draw.rectangle([x1, y1, x2, y2], fill=o.rgb)
+            elif o.shape == "triangle":
+                draw.polygon([(x1, y2), (x2, y2), (cx, y1)], fill=o.rgb)
+            else:
+                draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=o.rgb)
+        return img
+
+    def box(self, o: ShapeObject) -> list[float]:
+        return pixels_to_box(o.box, self.width, self.height)
+
+
+_BACKGROUND_POOL = {}
+
+
+def _noisy_background(name: str) -> np.ndarray:
+    """A NOISE_SIDE^2 noisy plane of one background colour, made once per process; a scene's background is a
+    window of it, so drawing costs a copy (NOTES: noise per scene made drawing 4x slower)."""
+    if name not in _BACKGROUND_POOL:
+        noise = np.random.default_rng(0).integers(-14, 15, (NOISE_SIDE, NOISE_SIDE, 3))
+        _BACKGROUND_POOL[name] = np.clip(noise + BACKGROUNDS[name], 0, 255).astype(np.uint8)
+    return _BACKGROUND_POOL[name]
+
+
+def make_scene(rng: random.Random, cfg: SceneConfig | None = None) -> Scene:
+    """A random scene: image size and aspect, background, and non-overlapping objects with known boxes."""
+    cfg = cfg or SceneConfig()
+    if cfg.max_side > NOISE_SIDE:
+        raise ValueError(f"SceneConfig.max_side={cfg.max_side} is above NOISE_SIDE={NOISE_SIDE}")
+    long_side = rng.randint(cfg.min_side, cfg.max_side)
+    aspect = rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9])
+    short_side = round(long_side / aspect)
+    width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+    mid = math.sqrt(cfg.min_size * cfg.max_size)  # the size words' boundary, with a 12% gap on each side
+    objects = []
+    for _ in range(rng.randint(cfg.min_objects, cfg.max_objects)):
+        for _attempt in range(20):
+            if objects and rng.random() < cfg.duplicate_prob:
+                shape = rng.choice(objects).shape
+            else:
+                shape = rng.choices(list(SHAPES), weights=list(SHAPES.values()))[0]
+            color = rng.choices(list(COLORS), weights=[w for _, w in COLORS.values()])[0]
+            size = rng.choice(["small", "big"])
+            lo, hi = (cfg.min_size, max(cfg.min_size, mid / 1.12)) if size == "small" else (
+                min(cfg.max_size, mid * 1.12), cfg.max_size)
+            side = max(4, round(rng.uniform(lo, hi) * min(width, height)))
+            x, y = rng.randint(0, width - side), rng.randint(0, height - side)
+            box = (x, y, x + side, y + side)
+            gap = 3
+            if all(box[0] >= o.box[2] + gap or o.box[0] >= box[2] + gap or box[1] >= o.box[3] + gap
+                   or o.box[1] >= box[3] + gap for o in objects):
+                rgb = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLORS[color][0])
+                objects.append(ShapeObject(shape, color, size, box, rgb))
+                break
+    offset = (rng.randint(0, NOISE_SIDE - width), rng.randint(0, NOISE_SIDE - height))
+    return Scene(width, height, rng.choice(list(BACKGROUNDS)), objects, offset)
+
+
+# ----------------------------------------------------------------------------- the shapes world: expressions
+# Grammar (the resolver parses exactly what the generator writes):
+#   the NP | the NP {left of|right of|above|below} the NP | the {leftmost|...} NP | the {second|third} NP from
+#   the {left|right|top|bottom};  NP = [small|big] [colour] shape.
+
+NP = rf"(?:(small|big) )?(?:({'|'.join(COLORS)}) )?({'|'.join(SHAPES)})"
+RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}  # axis, direction
+SIDES = {"left": (0, 1), "right": (0, -1), "top": (1, 1), "bottom": (1, -1)}  # axis, sort sign
+SUPERLATIVES = {"leftmost": "left", "rightmost": "right", "topmost": "top", "bottommost": "bottom"}
+ORDINALS = {"second": 1, "third": 2}
+EXPRESSION_RES = [
+    ("np", re.compile(rf"the {NP}")),
+    ("relation", re.compile(rf"the {NP} ({'|'.join(RELATIONS)}) the {NP}")),
+    ("superlative", re.compile(rf"the ({'|'.join(SUPERLATIVES)}) {NP}")),
+    ("ordinal", re.compile(rf"the ({'|'.join(ORDINALS)}) {NP} from the ({'|'.join(SIDES)})")),
+]
+
+
+def _np_matches(scene: Scene, size, color, shape) -> list[int]:
+    return [k for k, o in enumerate(scene.objects)
+            if o.shape == shape and (size is None or o.size == size) and (color is None or o.color == color)]
+
+
+def _holds(scene: Scene, t: int, r: int, axis: int, sign: int, margin: float) -> bool:
+    """Object t lies on side `sign` of object r along `axis` by more than `margin`, and that offset is at
+    least half the offset across (a circle far to the left and a little lower is not "below")."""
+    (tx, ty), (rx, ry) = scene.objects[t].centre, scene.objects[r].centre
+    along, across = (tx - rx, ty - ry) if axis == 0 else (ty - ry, tx - rx)
+    return sign * along > margin and abs(along) > abs(across) / 2 - max(0.0, -margin)
+
+
+def resolve(expression: str, scene: Scene, loose: bool = False) -> list[int]:
+    """Indices of the objects `expression` refers to. Positions compare centres with a margin of 8% of the
+    short side: strict counts only clear cases, loose (negative margin) also borderline ones. An expression
+    is unambiguous for object t iff both give [t] (no other object is even borderline)."""
+    margin = 0.08 * min(scene.width, scene.height) * (-1 if loose else 1)
+    for form, regex in EXPRESSION_RES:
+        m = regex.fullmatch(expression)
+        if m is None:
+            continue
+        g = m.groups()
+        if form == "np":
+            return _np_matches(scene, *g)
+        if form == "relation":
+            targets, (axis, sign) = _np_matches(scene, *g[:3]), RELATIONS[g[3]]
+            refs = _np_matches(scene, *g[4:])
+            if not loose and len(refs) != 1:
+                return []
+            return [t for t in targets if any(t != r and _holds(scene, t, r, axis, sign, margin)
+                                              for r in refs)]
+        side, rank, np_groups = ((SUPERLATIVES[g[0]], 0, g[1:4]) if form == "superlative"
+                                 else (g[4], ORDINALS[g[0]], g[1:4]))
+        axis, sign = SIDES[side]
+        matches = sorted(_np_matches(scene, *np_groups), key=lambda k: sign * scene.objects[k].centre[axis])
+        if len(matches) <= rank:
+            return []
+        chosen = scene.objects[matches[rank]].centre[axis]
+        near = [k for k in matches if abs(scene.objects[k].centre[axis] - chosen) <= abs(margin)]
+        return near if loose else ([matches[rank]] if near == [matches[rank]] else [])
+    raise ValueError(f"{expression!r} is not an expression of the shapes world (grammar above data.resolve)")
+
+
+def unambiguous(expression: str, scene: Scene, target: int) -> bool:
+    return resolve(expression, scene) == [target] and resolve(expression, scene, loose=True) == [target]
+
+
+def _noun_phrases(o: ShapeObject) -> list[str]:
+    return [o.shape, f"{o.color} {o.shape}", f"{o.size} {o.shape}", f"{o.size} {o.color} {o.shape}"]
+
+
+def attribute_expressions(scene: Scene, target: int) -> list[str]:
+    """testA style: attributes only ("the red circle", "the circle" when it is the only one)."""
+    phrases = _noun_phrases(scene.objects[target])
+    return [e for e in (f"the {p}" for p in phrases) if unambiguous(e, scene, target)]
+
+
+def relation_candidates(scene: Scene, target: int) -> list[str]:
+    """testB style, not yet checked: relations and order, only for noun phrases that alone match several
+    objects; the reference object is named by its shortest unambiguous attribute expression."""
+    candidates, refs = [], None
+    for phrase in _noun_phrases(scene.objects[target]):
+        if len(_np_matches(scene, *re.fullmatch(NP, phrase).groups())) < 2:
+            continue
+        if refs is None:
+            refs = [(attribute_expressions(scene, r) or [None])[0]
+                    for r in range(len(scene.objects)) if r != target]
+        candidates += [f"the {s} {phrase}" for s in SUPERLATIVES]
+        candidates += [f"the {o} {phrase} from the {s}" for o in ORDINALS for s in SIDES]
+        candidates += [f"the {phrase} {rel} {ref}" for ref in refs if ref for rel in RELATIONS]
+    return candidates
+
+
+def referring_expression(scene: Scene, target: int, rng: random.Random, kind: str = "any") -> str | None:
+    """One random unambiguous expression for the target: kind "attribute", "relation", or "any" (attributes
+    two times in three when both exist). None when the target cannot be told apart. Candidates are tried in
+    random order and the first unambiguous one wins: the same choice as among all, for less work."""
+    attribute = attribute_expressions(scene, target) if kind != "relation" else []
+    if kind == "attribute" or (attribute and rng.random() < 2 / 3):
+        return rng.choice(attribute) if attribute else None
+    candidates = relation_candidates(scene, target)
+    rng.shuffle(candidates)
+    found = next((e for e in candidates if unambiguous(e, scene, target)), None)
+    return found or (rng.choice(attribute) if attribute else None)
+
+
+# ----------------------------------------------------------------------------- shapes world: stage samples
+
+COUNTS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight"]
+
+
+def position_words(scene: Scene, o: ShapeObject) -> str:
+    """Coarse position in a 3x3 grid of the image ("at the top left", "in the centre"): stage-1 captions name
+    it so that the model learns where things are before it must output coordinates (NOTES: a lever)."""
+    cx, cy = o.centre
+    col = ["left", "", "right"][min(2, int(3 * cx / scene.width))]
+    row = ["top", "", "bottom"][min(2, int(3 * cy / scene.height))]
+    if row and col:
+        return f"at the {row} {col}"
+    return f"at the {row}" if row else (f"on the {col}" if col else "in the centre")
+
+
+def _reading_order(scene: Scene) -> list[ShapeObject]:
+    return sorted(scene.objects, key=lambda o: (int(3 * o.centre[1] / scene.height), o.centre[0]))
+
+
+def shapes_caption(scene: Scene, rng: random.Random) -> str:
+    parts = [f"a {o.size} {o.color} {o.shape} {position_words(scene, o)}" for o in _reading_order(scene)]
+    n, background = len(parts), f"{_a(scene.background)} background"
+    if rng.random() < 0.5:
+        return f"{_capitalized(_listing(parts))}, on {background}."
+    objects = f"{COUNTS[n]} object{'s' * (n != 1)}"
+    return f"There {'is' if n == 1 else 'are'} {objects} on {background}: {_listing(parts)}."
+
+
+def name_objects(scene: Scene, rng: random.Random, count: int) -> list[dict]:
+    """Up to `count` objects in random order, each named by an unambiguous expression (with its article:
+    "the red circle"). Naming is most of a sample's cost, so a sample names only the objects it asks about."""
+    named = []
+    for k in rng.sample(range(len(scene.objects)), len(scene.objects)):
+        expression = referring_expression(scene, k, rng) if len(named) < count else None
+        if expression:
+            named.append({"name": expression, "box": scene.box(scene.objects[k])})
+    return named
+
+
+def shapes_grounded(scene: Scene, image, named: list[dict]) -> dict:
+    """A scene as a grounded image: the named objects, then the others by their box alone (name None: fit
+    for options and relations, never asked about), and a description naming every object with its box."""
+    named_boxes = [o["box"] for o in named]
+    others = [{"name": None, "box": scene.box(o)} for o in scene.objects if scene.box(o) not in named_boxes]
+    description = _capitalized(_listing([f"a {o.size} {o.color} {o.shape} {format_box(scene.box(o))} "
+                                         f"{position_words(scene, o)}" for o in _reading_order(scene)]))
+    return {"image": image, "width": scene.width, "height": scene.height, "objects": named + others,
+            "descriptions": [f"{description}, on {_a(scene.background)} background."]}
+
+
+def pope_question(category: str) -> str:
+    return f"Is there {_a(category)} in the image?"
+
+
+def pope_negatives(scene: Scene, setting: str, rng: random.Random) -> list[str]:
+    """Absent categories ordered for one POPE setting: random; popular (most frequent in the world first);
+    adversarial (sharing a shape or colour with a present object, the confusable ones, popular first)."""
+    present = {o.category for o in scene.objects}
+    weight = {f"{c} {s}": cw * sw for c, (_, cw) in COLORS.items() for s, sw in SHAPES.items()}
+    absent = [c for c in weight if c not in present]
+    rng.shuffle(absent)
+    if setting == "popular":
+        absent.sort(key=lambda c: -weight[c])
+    elif setting == "adversarial":
+        confusable = lambda c: any(set(c.split()) & set(p.split()) for p in present)
+        absent.sort(key=lambda c: (not confusable(c), -weight[c]))
+    elif setting != "random":
+        raise ValueError(f"POPE setting must be random, popular or adversarial, got {setting!r}")
+    return absent
+
+
+def pope_sample(scene: Scene, image, rng: random.Random) -> dict:
+    """Stage 3: a POPE-style yes/no question about an object category, half of them absent."""
+    if rng.random() < 0.5:
+        category, answer = rng.choice(scene.objects).category, "Yes."
+    else:
+        category, answer = pope_negatives(scene, rng.choice(["random", "adversarial"]), rng)[0], "No."
+    turns = [{"from": "human", "value": "<image>\n" + pope_question(category)},
+             {"from": "gpt", "value": answer}]
+    return {"image": image, "conversations": turns}
+
+
+STAGE3_KINDS = {"conversation": 0.4, "description": 0.3, "pope": 0.3}
+STAGE_NAMES = {"stage1-pretrain": 1, "stage1": 1, "1": 1, "stage2": 2, "2": 2, "stage3": 3, "3": 3}
+
+
+class ShapesStageData:
+    """On-the-fly samples of the shapes world for one training stage, map-style and deterministic: sample i
+    is a function of (seed, stage, i) only, so every DataLoader worker and every resume sees the same data.
+    Stage 1: captions naming coarse positions. Stage 2: the multi-scale kinds (STAGE2_KINDS). Stage 3:
+    grounding conversations, grounding descriptions and POPE-style yes/no questions (STAGE3_KINDS)."""
+
+    def __init__(self, stage: str, length: int, seed: int = 0, scene: SceneConfig | None = None):
+        if str(stage) not in STAGE_NAMES:
+            raise ValueError(f"stage must be one of {sorted(STAGE_NAMES)}, got {stage!r}")
+        self.stage, self.level, self.length, self.seed = str(stage), STAGE_NAMES[str(stage)], length, seed
+        self.scene = scene or SceneConfig()
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        scene, sample = self._make(i)
+        return {**sample, "image": scene.draw()}
+
+    def conversations(self, i: int) -> list[dict]:
+        """Sample i's text without drawing its image (what length grouping needs)."""
+        return self._make(i)[1]["conversations"]
+
+    def _make(self, i: int) -> tuple[Scene, dict]:
+        if not 0 <= i < self.length:
+            raise IndexError(f"sample {i} of {self.length}")
+        rng = random.Random(f"shapes:{self.seed}:{self.stage}:{i}")
+        while True:  # a scene whose objects no expression tells apart is redrawn (rare)
+            scene = make_scene(rng, self.scene)
+            if self.level == 1:
+                return scene, caption_sample(None, shapes_caption(scene, rng), rng, f"{self.stage}-{i}")
+            named = name_objects(scene, rng, 1 if self.level == 2 else 3)
+            if not named:
+                continue
+            grounded = shapes_grounded(scene, None, named)
+            if self.level == 2:  # the kind's target is the named object (REC when the kind cannot be made)
+                kind = rng.choices(list(STAGE2_KINDS), weights=[w for _, w in STAGE2_KINDS.values()])[0]
+                sample = STAGE2_KINDS[kind][0](grounded, rng, named[0]) or rec_sample(grounded, rng, named[0])
+            else:
+                kind = rng.choices(list(STAGE3_KINDS), weights=list(STAGE3_KINDS.values()))[0]
+                sample = (grounding_conversation_sample({**grounded, "objects": named}, rng)
+                          if kind == "conversation" else grounding_description_sample(grounded, rng)
+                          if kind == "description" else pope_sample(scene, None, rng))
+            return scene, {"id": f"{self.stage}-{i}", **sample}
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def load_image(image, image_root: str = "") -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(os.path.join(image_root, image)) as img:
+        return img.convert("RGB")
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Samples (a list from load_samples/the readers, or ShapesStageData) -> tensors, in DataLoader workers:
+    ChatML ids and labels, the global image [1, T, 3, S, S] and one crop per <object> [n, T, 3, S, S].
+    Bad samples raise SampleError naming file and line, or with `skip_bad` (True: count into SKIPPED; or a
+    SkipCounter) are counted and replaced by the next good sample. Samples longer than max_len are cut when
+    every image placeholder survives the cut (counted as "cut to max_len"), else are bad ("too long")."""
+
+    def __init__(self, samples, tokenizer: Tokenizer, processor: ImageProcessor, num_image_tokens: int,
+                 num_object_tokens: int, max_len: int = 2048, skip_bad=False, system: str | None = None,
+                 image_root: str = ""):
+        self.samples, self.tok, self.processor = samples, tokenizer, processor
+        self.num_image_tokens, self.num_object_tokens = num_image_tokens, num_object_tokens
+        self.max_len = max_len
+        self.skipped, self.system, self.image_root = _counter(skip_bad), system, image_root
+        self._lengths = None
+
+    def __len__(self):
+        return len(self.samples)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of every sample (placeholders included, capped at max_len), for length grouping;
+        computed once, exactly as encode_conversation splits the text, in one batched tokenizer call."""
+        if self._lengths is None:
+            get = getattr(self.samples, "conversations", None) or (lambda i: self.samples[i]["conversations"])
+            marker_cost = {"<image>": self.num_image_tokens + 2, "<object>": self.num_object_tokens + 2}
+            per_turn = 2 + len(self.tok.encode("\n"))  # <|im_start|>, <|im_end|>, "\n"
+            system = len(encode_conversation(self.tok, [], 0, 0, self.system)[0])
+            lengths, pieces, owners = [], [], []
+            for i in range(len(self)):
+                turns = get(i)
+                lengths.append(system + per_turn * len(turns))
+                for turn in turns:
+                    for part in MARKER_RE.split(f"{ROLES[turn['from']]}\n{turn['value']}"):
+                        if part in marker_cost:
+                            lengths[i] += marker_cost[part]
+                        elif part:
+                            pieces.append(part)
+                            owners.append(i)
+            for i, enc in zip(owners, self.tok.tok.encode_batch(pieces, add_special_tokens=False)):
+                lengths[i] += len(enc.ids)
+            self._lengths = [min(n, self.max_len) for n in lengths]
+        return self._lengths
+
+    def __getitem__(self, i: int) -> dict:
+        for attempt in range(len(self)):
+            j = (i + attempt) % len(self)
+            try:
+                return self._tensors(j)
+            except SampleError as e:
+                if self.skipped is None:
+                    raise
+                self.skipped.add(e.reason)
+        raise RuntimeError("every sample of the dataset is bad; see SKIPPED")
+
+    def _tensors(self, i: int) -> dict:
+        sample = self.samples[i]
+        where = sample.get("where", f"sample {i}")
+        validate_sample(sample, where, self.image_root, check_file=False)
+        ids, labels = encode_conversation(self.tok, sample["conversations"], self.num_image_tokens,
+                                          self.num_object_tokens, self.system)
+        if len(ids) > self.max_len:
+            cut = ids[self.max_len:]
+            if any(t in (self.tok.image_pad_id, self.tok.object_pad_id) for t in cut) or all(
+                    v == IGNORE for v in labels[:self.max_len]):
+                raise SampleError(where, "too long", f"{len(ids)} tokens > max_len={self.max_len}, and a cut "
+                                                     "would drop an image or every answer")
+            ids, labels = ids[:self.max_len], labels[:self.max_len]
+            if self.skipped is not None:
+                self.skipped.add("cut to max_len")
+        images = objects = None
+        text = "".join(t["value"] for t in sample["conversations"])
+        if "<image>" in text:
+            try:
+                img = load_image(sample["image"], sample.get("image_root", self.image_root))
+            except (OSError, ValueError) as e:  # missing, unreadable or truncated (PIL raises OSErrors)
+                raise SampleError(where, "corrupt image", f"{sample['image']}: {e}") from None
+            square = pad_to_square(img)  # once, for the image and its crops
+            images = self.processor(square)[None]  # [1, T, 3, S, S]
+            n_objects = text.count("<object>")
+            if n_objects:
+                crops = [self.processor(crop_object(square, box)) for box in sample["objects"][:n_objects]]
+                objects = torch.stack(crops)  # [n, T, 3, S, S]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "images": images,
+                "objects": objects, "pad_id": self.tok.pad_id}
+
+
+def collate(items: list[dict]) -> dict:
+    """Items of SFTDataset -> the batch contract of the SPEC (right padding with the tokenizer's pad id)."""
+    longest = max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((len(items), longest), items[0]["pad_id"], dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), longest), dtype=torch.bool)
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = it["input_ids"], it["labels"], True
+    images = [it["images"] for it in items if it["images"] is not None]
+    objects = [it["objects"] for it in items if it["objects"] is not None]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "images": torch.cat(images) if images else None,  # [NI, T, 3, S, S]
+            "objects": torch.cat(objects) if objects else None}  # [NO, T, 3, S, S]
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of similar length: shuffle, cut into mega-batches of `group` batches, sort each by length,
+    split into batches, shuffle the batches. Deterministic per (seed, epoch): call set_epoch per epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group: int = 32,
+                 drop_last: bool = True):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+        self.drop_last, self.epoch = drop_last, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        mega = self.batch_size * self.group
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: self.lengths[i])
+            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        for k in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[k]
+
+
+def padding_fraction(batches, lengths: list[int]) -> float:
+    """Share of the token slots of padded batches that are padding."""
+    slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1.0 - sum(lengths[i] for b in batches for i in b) / slots
+
+
+def make_loader(dataset: SFTDataset, batch_size: int, num_workers: int = 2, seed: int = 0,
+                group_by_length: bool = True, drop_last: bool = True) -> torch.utils.data.DataLoader:
+    """A DataLoader over `dataset` with length-grouped (or plain shuffled) batches and `collate`."""
+    if group_by_length:
+        sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, seed, drop_last=drop_last)
+    else:
+        shuffled = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        sampler = torch.utils.data.BatchSampler(shuffled, batch_size, drop_last)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------- shapes eval splits, baselines
+
+EVAL_SCENES = {  # split -> (scene difficulty, expression kind)
+    "testA": (SceneConfig(min_objects=1, max_objects=4), "attribute"),
+    "testB": (SceneConfig(min_objects=3, max_objects=5, duplicate_prob=0.6), "relation"),
+}
+
+
+def write_shapes_splits(out: str, n: int = 500, seed: int = 0):
+    """Fixed eval files in the real formats: rec_{val,testA,testB}.jsonl in the RefCOCO jsonl layout (one
+    expression per scene; PNGs under images/, paths relative to the jsonl; "scene_objects" added for the
+    baselines) and pope_{random,popular,adversarial}.jsonl in POPE's layout (n questions each, half "yes",
+    on the same images). Seeds differ from every training stream."""
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    for split in ("val", "testA", "testB"):
+        with open(os.path.join(out, f"rec_{split}.jsonl"), "w") as f:
+            for i in range(n):
+                rng = random.Random(f"eval:{seed}:{split}:{i}")
+                config, kind = EVAL_SCENES[split if split != "val" else ("testA", "testB")[i % 2]]
+                while True:
+                    scene = make_scene(rng, config)
+                    target = rng.randrange(len(scene.objects))
+                    expression = referring_expression(scene, target, rng, kind)
+                    if expression:
+                        break
+                path = f"images/{split}_{i:05d}.png"
+                scene.draw().save(os.path.join(out, path))
+                objects = [{"bbox": list(o.box), "shape": o.shape, "color": o.color, "size": o.size}
+                           for o in scene.objects]
+                row = {"img_path": path, "expression": expression, "bbox": list(scene.objects[target].box),
+                       "width": scene.width, "height": scene.height, "scene_objects": objects}
+                f.write(json.dumps(row) + "\n")
+    files = {s: open(os.path.join(out, f"pope_{s}.jsonl"), "w") for s in ("random", "popular", "adversarial")}
+    question_id, image_index = 0, 0
+    while question_id < n:
+        image_seed = f"eval:{seed}:pope:{image_index}"
+        rng = random.Random(image_seed)
+        scene = make_scene(rng, SceneConfig(min_objects=3, max_objects=5, duplicate_prob=0.0))
+        path = f"images/pope_{image_index:05d}.png"
+        scene.draw().save(os.path.join(out, path))
+        present = sorted({o.category for o in scene.objects})
+        k = min(3, len(present), (n - question_id + 1) // 2)
+        positives = rng.sample(present, k)
+        for setting, f in files.items():
+            negatives = pope_negatives(scene, setting, random.Random(f"{image_seed}:{setting}"))
+            qid = question_id
+            for category, label in [(c, "yes") for c in positives] + [(c, "no") for c in negatives[:k]]:
+                qid += 1
+                if qid <= n:
+                    f.write(json.dumps({"question_id": qid, "image": path, "text": pope_question(category),
+                                        "label": label}) + "\n")
+        question_id, image_index = question_id + 2 * k, image_index + 1
+    for f in files.values():
+        f.close()
+
+
+def baselines(split_path: str, seed: int = 0) -> dict[str, float]:
+    """Acc@0.5 of answers that do not look (random box, centre box of the split's mean size) or look only
+    partly (a random object of the scene; a random object of the expression's shape, ignoring colour)."""
+    rng = random.Random(seed)
+    rows = [json.loads(line) for line in open(split_path) if line.strip()]
+    mean_w = sum((r["bbox"][2] - r["bbox"][0]) / r["width"] for r in rows) / len(rows)
+    mean_h = sum((r["bbox"][3] - r["bbox"][1]) / r["height"] for r in rows) / len(rows)
+
+    def random_box(r):
+        xs = sorted(rng.uniform(0, r["width"]) for _ in "xx")
+        ys = sorted(rng.uniform(0, r["height"]) for _ in "yy")
+        return [xs[0], ys[0], xs[1], ys[1]]
+
+    def centre_box(r):
+        w, h = mean_w * r["width"], mean_h * r["height"]
+        return [(r["width"] - w) / 2, (r["height"] - h) / 2, (r["width"] + w) / 2, (r["height"] + h) / 2]
+
+    def right_shape(r):
+        shape = next(w for w in r["expression"].split() if w in SHAPES)  # the target's noun comes first
+        return rng.choice([o for o in r["scene_objects"] if o["shape"] == shape])["bbox"]
+
+    guesses = {"random box": random_box, "centre box": centre_box,
+               "random object": lambda r: rng.choice(r["scene_objects"])["bbox"], "right shape": right_shape}
+    return {name: sum(iou(guess(r), r["bbox"]) >= 0.5 for r in rows) / len(rows)
+            for name, guess in guesses.items()}
+
+
+# ----------------------------------------------------------------------------- the shapes tokenizer
+
+
+def train_shapes_tokenizer(vocab_size: int = 640, samples_per_stage: int = 2000) -> tokenizers.Tokenizer:
+    """Byte-level BPE trained on the shapes world's text, Qwen's pre-tokenizer (so digits are one token each)
+    and Qwen2.5's special token names appended after the learned vocabulary, as in Qwen. Deterministic."""
+    qwen_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = [DEFAULT_SYSTEM, "system\n", "user\n", "assistant\n"] * samples_per_stage  # in every sample
+    for stage in ("stage1", "stage2", "stage3"):
+        data = ShapesStageData(stage, samples_per_stage, seed=12345)
+        corpus += [t["value"] for i in range(len(data)) for t in data.conversations(i)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def throughput(image_size: int = 112, workers: int = 2, batch_size: int = 32, batches: int = 40) -> float:
+    """Samples/s of stage-2 shapes data through a DataLoader (drawing, tokenizing, cropping, preprocessing
+    for two towers) at the tiny or the full image size; the first batches (worker start) are not timed."""
+    configs = [VisionConfig(kind, 64, 1, 1, 128, 14, image_size) for kind in ("clip", "dinov2")]
+    tok = Tokenizer.from_file(SHAPES_TOKENIZER)
+    num_image_tokens = (image_size // 14) ** 2
+    dataset = SFTDataset(ShapesStageData("stage2", batch_size * (batches + 2 * workers + 2)), tok,
+                         ImageProcessor(configs), num_image_tokens, 16, max_len=4096)
+    loader = make_loader(dataset, batch_size, workers)
+    it = iter(loader)
+    for _ in range(2 * workers):
+        next(it)
+    start = time.time()
+    for _ in range(batches):
+        next(it)
+    rate = batches * batch_size / (time.time() - start)
+    lengths = dataset.lengths
+    fraction = padding_fraction(list(LengthGroupedBatchSampler(lengths, batch_size)), lengths)
+    plain = padding_fraction(list(LengthGroupedBatchSampler(lengths, batch_size, group=1)), lengths)
+    print(f"{image_size} px, 2 towers, {workers} workers, batch {batch_size}: {rate:.0f} samples/s; padding "
+          f"{100 * fraction:.1f}% of token slots with length grouping, {100 * plain:.1f}% without")
+    return rate
+
+
+def convert(source: str, option):
+    """Write a real dataset as a JSONL file of samples for `train.py --data1/2/3` (images relative to the
+    `--image_root` that training will be given, so --image-dir is the folder under that root)."""
+    image_dir, seed = option("--image-dir", ""), option("--seed", 0, int)
+    if source == "llava-pretrain":
+        samples = read_llava_pretrain(option("--file"), check_file=False, seed=seed)
+    elif source in ("refcoco", "rec-jsonl", "vg", "flickr30k"):
+        if source == "refcoco":
+            grounded = group_referring(read_refcoco(option("--instances"), option("--refs"),
+                                                    option("--split", "train"), image_dir))
+        elif source == "rec-jsonl":
+            grounded = group_referring(read_rec_jsonl(option("--file"), image_dir))
+        elif source == "vg":
+            grounded = read_visual_genome(option("--regions"), option("--image-data"), image_dir)
+        else:
+            ids = open(option("--ids")).read().split()
+            grounded = read_flickr30k_entities(option("--root"), ids, image_dir)
+        samples = (stage3_samples if option("--stage", "2") == "3" else stage2_samples)(grounded, seed)
+    else:
+        sys.exit("usage: python data.py convert {llava-pretrain,refcoco,rec-jsonl,vg,flickr30k} --out F.jsonl"
+                 " [--stage 2|3] [--image-dir DIR] and the source's files: llava-pretrain --file; refcoco "
+                 "--instances --refs --split; rec-jsonl --file; vg --regions --image-data; flickr30k --root "
+                 "--ids (a file of image ids, as train.txt)")
+    out = option("--out", "samples.jsonl")
+    with open(out, "w") as f:
+        for k, sample in enumerate(samples):
+            internal = ("where", "image_root")
+            sample = {"id": f"{source}-{k}", **{key: v for key, v in sample.items() if key not in internal}}
+            f.write(json.dumps(sample) + "\n")
+    print(f"wrote {len(samples)} samples to {out}")
+
+
+def main(argv: list[str]):
+    def option(name, default=None, cast=str):
+        if name not in argv and default is None:
+            sys.exit(f"error: {' '.join(argv[:2])} needs {name} (python data.py --help)")
+        return cast(argv[argv.index(name) + 1]) if name in argv else default
+
+    command = argv[0] if argv else ""
+    if command == "shapes-splits":
+        out = option("--out", "data/shapes")
+        write_shapes_splits(out, option("--n", 500, int), option("--seed", 0, int))
+        print(f"wrote rec_{{val,testA,testB}}.jsonl and pope_{{random,popular,adversarial}}.jsonl to {out}")
+    elif command == "shapes-tokenizer":
+        out = option("--out", SHAPES_TOKENIZER)
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        tok = train_shapes_tokenizer(option("--vocab-size", 640, int))
+        tok.save(out, pretty=False)
+        print(f"wrote {out}: {tok.get_vocab_size()} tokens, {os.path.getsize(out)} bytes")
+    elif command == "baselines":
+        split = option("--split", "data/shapes/rec_testA.jsonl")
+        for name, acc in baselines(split, option("--seed", 0, int)).items():
+            print(f"{name:14s} Acc@0.5 {100 * acc:5.1f}%")
+    elif command == "convert":
+        convert(argv[1] if len(argv) > 1 else "", option)
+    elif command == "throughput":
+        throughput(option("--image-size", 112, int), option("--workers", 2, int),
+                   option("--batch-size", 32, int))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,280 @@
+"""Evaluation: REC Acc@0.5 (RefCOCO/+/g and the shapes splits) and POPE, batched, alone or under torchrun.
+
+    python eval.py --ckpt runs/shapes/stage3 --task rec --data data/shapes          # every rec_*.jsonl there
+    python eval.py --ckpt DIR --task rec --data refcoco/instances.json --refs "refcoco/refs(unc).p" \
+        --split val --image-dir coco/train2014
+    python eval.py --ckpt DIR --task pope --data data/shapes                        # every pope_*.jsonl there
+
+REC: the training prompt (data.REC_PROMPT), greedy decoding, the first box of the answer mapped from the
+padded square to original pixels and clipped; correct iff IoU >= 0.5. An answer without a box is wrong and
+counted, never dropped. POPE: the benchmark's own answer parser and metrics.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+
+# ----------------------------------------------------------------------------- scoring (pure functions)
+
+
+def score_rec_answer(answer: str, gt_px, width: int, height: int) -> tuple[list[float] | None, float]:
+    """(predicted pixel box or None, IoU with the ground-truth pixel box) for one generated answer."""
+    boxes = data.parse_boxes(answer)
+    if not boxes:
+        return None, 0.0
+    pred = data.box_to_pixels(boxes[0], width, height)
+    return pred, data.iou(pred, gt_px)
+
+
+def pope_answer(text: str) -> str:
+    """POPE's parser: text before the first '.', commas removed, split on spaces; any of No/not/no -> no."""
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return "no" if any(w in ("No", "not", "no") for w in words) else "yes"
+
+
+def pope_metrics(predictions: list[str], labels: list[str]) -> dict:
+    """Accuracy, precision, recall, F1 and yes-ratio with 'yes' as the positive class (zero-safe)."""
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(predictions, labels))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(predictions, labels))
+    tn = sum(p == "no" and y == "no" for p, y in zip(predictions, labels))
+    fn = sum(p == "no" and y == "yes" for p, y in zip(predictions, labels))
+    n = max(1, len(labels))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return dict(
+        accuracy=(tp + tn) / n, precision=precision, recall=recall, f1=f1, yes_ratio=(tp + fp) / n, n=n
+    )
+
+
+# ----------------------------------------------------------------------------- batched answering
+
+
+class Questions(torch.utils.data.Dataset):
+    """(prompt ids, pixels [T, 3, S, S]) per record; images are read and preprocessed in loader workers."""
+
+    def __init__(self, records: list[dict], questions: list[str], tok, model):
+        self.records, self.questions, self.tok = records, questions, tok
+        self.processor, self.n_image, self.n_object = (
+            model.encoder.processor,
+            model.num_image_tokens,
+            model.config.object_tokens,
+        )
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        ids = data.encode_prompt(self.tok, "<image>\n" + self.questions[i], self.n_image, self.n_object)
+        return i, ids, self.processor(data.load_image(self.records[i]["image"]))
+
+
+def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=32, workers=2, desc="") -> list:
+    """Greedy answers (text) to one question per record, in the records' order. Prompts are grouped by
+    length so that a batch pads little; batching does not change answers (tests/test_eval.py)."""
+    dataset = Questions(records, questions, tok, model)
+    order = sorted(range(len(records)), key=lambda i: len(questions[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=lambda items: items
+    )
+    answers = [None] * len(records)
+    for items in tqdm(loader, total=len(batches), desc=desc, leave=False, disable=not desc):
+        rows, prompts, pixels = zip(*items)
+        out = model.generate(list(prompts), images=torch.stack(pixels), max_new_tokens=max_new_tokens)
+        for row, ids in zip(rows, out):
+            answers[row] = tok.decode(ids)
+    return answers
+
+
+def evaluate_rec(model, tok, records, batch_size=32, workers=2, desc="") -> tuple[list[dict], dict]:
+    """Per-expression results and the split's summary (Acc@0.5, mean IoU, unparseable answers)."""
+    start = time.time()
+    questions = [data.REC_PROMPT.format(r["expression"]) for r in records]
+    answers = answer_all(model, tok, records, questions, batch_size, workers=workers, desc=desc)
+    rows = []
+    for r, answer in zip(records, answers):
+        pred, overlap = score_rec_answer(answer, r["bbox"], r["width"], r["height"])
+        rows.append(
+            dict(
+                id=r.get("where", ""),
+                expression=r["expression"],
+                answer=answer,
+                pred_box=pred,
+                gt_box=r["bbox"],
+                iou=round(overlap, 4),
+                correct=overlap >= 0.5,
+            )
+        )
+    return rows, summarize_rec(rows, time.time() - start)
+
+
+def summarize_rec(rows: list[dict], seconds: float) -> dict:
+    n = max(1, len(rows))
+    return dict(
+        n=len(rows),
+        acc=sum(r["correct"] for r in rows) / n,
+        miou=sum(r["iou"] for r in rows) / n,
+        no_box=sum(r["pred_box"] is None for r in rows),
+        per_s=len(rows) / max(seconds, 1e-9),
+    )
+
+
+def evaluate_pope(model, tok, records, batch_size=32, workers=2, desc="") -> tuple[list[dict], dict]:
+    start = time.time()
+    answers = answer_all(model, tok, records, [r["text"] for r in records], batch_size, 16, workers, desc)
+    predictions = [pope_answer(a) for a in answers]
+    rows = [
+        dict(question_id=r["question_id"], text=r["text"], answer=a, prediction=p, label=r["label"])
+        for r, a, p in zip(records, answers, predictions)
+    ]
+    metrics = pope_metrics(predictions, [r["label"] for r in records])
+    metrics["per_s"] = len(rows) / max(time.time() - start, 1e-9)
+    return rows, metrics
+
+
+# ----------------------------------------------------------------------------- reading the benchmarks
+
+
+def read_pope(path: str, image_dir: str) -> list[dict]:
+    """POPE's question files: JSON Lines (despite .json): question_id, image, text, label (yes/no)."""
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                records.append(
+                    {**r, "image": os.path.join(image_dir, r["image"]), "label": r["label"].lower()}
+                )
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise SystemExit(
+                    f"error: {path}:{n}: not a POPE record ({e}); expected JSON with "
+                    "question_id, image, text and label per line"
+                ) from None
+    return records
+
+
+def splits_of(args) -> dict[str, list[dict]]:
+    """name -> records. --data is a folder (every rec_*.jsonl / pope_*.jsonl in it), one jsonl file, or
+    (REC) RefCOCO's instances.json with --refs and --split."""
+    prefix = "rec_" if args.task == "rec" else "pope_"
+    if args.refs:
+        return {args.split: data.read_refcoco(args.data, args.refs, args.split, args.image_dir or "")}
+    if os.path.isdir(args.data):
+        files = sorted(
+            f for f in os.listdir(args.data) if f.startswith(prefix) and f.endswith((".jsonl", ".json"))
+        )
+        if not files:
+            raise SystemExit(
+                f"error: {args.data} holds no {prefix}*.jsonl file (python data.py shapes-splits "
+                f"--out {args.data} writes the shapes splits)"
+            )
+        paths = [os.path.join(args.data, f) for f in files]
+    elif os.path.isfile(args.data):
+        paths = [args.data]
+    else:
+        raise SystemExit(f"error: --data {args.data} does not exist")
+    read = data.read_rec_jsonl if args.task == "rec" else read_pope
+    return {
+        os.path.splitext(os.path.basename(p))[0].removeprefix(prefix): read(
+            p, args.image_dir or os.path.dirname(p)
+        )
+        for p in paths
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--ckpt", required=True, help="exported model directory (config.json, model.safetensors, ...)"
+    )
+    p.add_argument("--task", choices=["rec", "pope"], required=True)
+    p.add_argument(
+        "--data", required=True, help="a folder of splits, a jsonl file, or RefCOCO's instances.json"
+    )
+    p.add_argument("--refs", help="RefCOCO's refs(unc).p / refs(umd).p (with --data instances.json)")
+    p.add_argument("--split", default="val", help="with --refs: val, testA, testB, test")
+    p.add_argument("--image-dir", help="image folder (default: the folder of the jsonl file)")
+    p.add_argument("--out", help="write one JSON line per question here")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N questions of each split")
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+
+    rank, world = 0, 1
+    if "RANK" in os.environ:  # under torchrun: each process answers a slice, rank 0 gathers and reports
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    from sample import load  # one loader (with its clear errors) for every command
+
+    model, tok = load(args.ckpt, device)
+    splits = {name: recs[: args.limit] if args.limit else recs for name, recs in splits_of(args).items()}
+    evaluate = evaluate_rec if args.task == "rec" else evaluate_pope
+    results, all_rows = {}, []
+    for name, records in splits.items():
+        start = time.time()
+        rows, _ = evaluate(
+            model,
+            tok,
+            records[rank::world],
+            args.batch_size,
+            args.workers,
+            desc=f"{args.task} {name}" if rank == 0 else "",
+        )
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if args.task == "rec":
+            results[name] = summarize_rec(rows, time.time() - start)
+        else:
+            results[name] = pope_metrics([r["prediction"] for r in rows], [r["label"] for r in rows])
+            results[name]["per_s"] = len(rows) / (time.time() - start)
+        all_rows += [{"split": name, **row} for row in rows]
+    if rank == 0:
+        print_table(args.task, results)
+        if args.out:
+            with open(args.out + ".tmp", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in all_rows)
+            os.replace(args.out + ".tmp", args.out)
+            print(f"wrote {len(all_rows)} predictions to {args.out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+def print_table(task: str, results: dict) -> None:
+    if task == "rec":
+        print(f"{'split':<10} {'n':>6} {'Acc@0.5':>8} {'mean IoU':>9} {'no box':>7} {'expr/s':>8}")
+        for name, r in results.items():
+            print(
+                f"{name:<10} {r['n']:>6} {100 * r['acc']:>7.2f}% {r['miou']:>9.3f} {r['no_box']:>7} "
+                f"{r['per_s']:>8.1f}"
+            )
+    else:
+        print(
+            f"{'setting':<12} {'n':>6} {'acc':>7} {'prec':>7} {'recall':>7} {'F1':>7} {'yes':>7} {'q/s':>7}"
+        )
+        for name, r in results.items():
+            print(
+                f"{name:<12} {r['n']:>6} {100 * r['accuracy']:>6.2f}% {100 * r['precision']:>6.2f}% "
+                f"{100 * r['recall']:>6.2f}% {100 * r['f1']:>6.2f}% {100 * r['yes_ratio']:>6.2f}% "
+                f"{r['per_s']:>7.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,641 @@
+"""The model: the Qwen2.5 language model (loads the public checkpoints exactly), the vision->LLM projector,
+TinyGroundingGPT (vision towers + projector + LLM; image and object features replace placeholder tokens),
+and fast generation over a static, preallocated KV cache.
+
+Precision: weights run in the dtype they are loaded in; RMSNorm, RoPE angles, the attention softmax and
+the loss are computed in fp32 (the numerics of transformers' Qwen2, which the tests check to 1e-5).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from encoders import MultiScaleEncoder, VisionConfig
+
+# ----------------------------------------------------------------------------- Qwen2.5 language model
+
+
+@dataclass
+class Qwen2Config:
+    """Defaults are Qwen2.5-3B; `from_hf` reads a Hub config.json."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 32768
+
+    def __post_init__(self):
+        heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
+        if self.hidden_size % heads or heads % kv_heads:
+            raise ValueError(f"Qwen2Config: hidden_size={self.hidden_size} must divide by num_attention_heads"
+                             f"={self.num_attention_heads}, which must divide by num_key_value_heads"
+                             f"={self.num_key_value_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hub: dict, source: str = "config.json") -> "Qwen2Config":
+        """From a Hub config.json. Older files carry `rope_theta`, transformers 5 writes `rope_parameters`."""
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"]
+        if missing := [k for k in required if k not in hub]:
+            raise ValueError(f"{source}: missing Qwen2 fields {missing}")
+        rope = hub.get("rope_parameters") or {}
+        problems = []
+        if hub.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act={hub['hidden_act']!r} (only 'silu')")
+        if hub.get("use_sliding_window"):
+            problems.append("use_sliding_window=true")
+        if rope.get("rope_type", "default") != "default" or hub.get("rope_scaling"):
+            problems.append(f"RoPE scaling {hub.get('rope_scaling') or rope} (only plain RoPE)")
+        if "head_dim" in hub and hub["head_dim"] * hub["num_attention_heads"] != hub["hidden_size"]:
+            problems.append(f"head_dim={hub['head_dim']} (only hidden_size / num_attention_heads)")
+        if problems:
+            raise ValueError(f"{source}: unsupported Qwen2 settings: {'; '.join(problems)}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "tie_word_embeddings"}
+        return cls(**{k: hub[k] for k in names if k in hub},
+                   rope_theta=float(rope.get("rope_theta", hub.get("rope_theta", 10000.0))),
+                   tie_word_embeddings=bool(hub.get("tie_word_embeddings", False)))  # transformers' default
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalize in fp32, cast back to the input dtype, *then* scale (Qwen2's order)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
+    """positions [B, L] -> cos, sin [B, 1, L, head_dim]: angles in fp32, cast to the activation dtype.
+    Computed per call rather than kept in a buffer, so model.to(bfloat16) cannot round them."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    freqs = positions[..., None].float() * inv_freq  # [B, L, head_dim / 2]
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # rotate_half layout (NeoX), not interleaved
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Static cache [B, kv_heads, max_len, head_dim] of one layer, written at slot indices (gpt-fast style).
+    Non-persistent buffers: never part of a checkpoint."""
+
+    def __init__(self, batch_size: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """slots [L]; k, v [B, kv_heads, L, head_dim] -> the whole cache [B, kv_heads, max_len, head_dim]."""
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                    config.head_dim)
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        self.cache: KVCache | None = None  # set by Qwen2.setup_cache
+
+    def forward(self, x, cos, sin, mask, cache_slots=None, return_attn=False):
+        """x [B, L, C]; mask None (plain causal) or bool [B or 1, 1, L, S], True where a query may look."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, L, head_dim]
+        k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, kv_heads, L, hd]
+        v = self.v_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_slots is not None:
+            k, v = self.cache.update(cache_slots, k, v)  # [B, kv_heads, max_len, head_dim]
+        group = self.heads // self.kv_heads
+        probs = None
+        if return_attn:  # eager twin of SDPA, for the attention map: kv head j serves query heads j*group...
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5  # [B, heads, L, S]
+            if mask is None:
+                mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float).to(q.dtype)
+            y = probs @ v
+        elif mask is None:  # training and plain prompts: the flash kernel, GQA without copying k and v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+        else:  # padding / cache mask. The kernels that take a mask do not all take GQA, and expanding k, v
+            # would copy the whole cache every decode step: instead fold each kv head's group of query heads
+            # into the query axis ([B, heads, L, hd] -> [B, kv_heads, group * L, hd], rows ordered (g, l)).
+            q = q.reshape(B, self.kv_heads, group * L, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, group, 1))
+            y = y.view(B, self.heads, L, self.head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1)), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache_slots=None, return_attn=False):
+        h, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_slots, return_attn)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), probs
+
+
+def attention_mask_4d(L: int, S: int, key_valid: torch.Tensor | None, cache_slots: torch.Tensor | None,
+                      device) -> torch.Tensor | None:
+    """Bool [B or 1, 1, L, S]: query i (at cache slot cache_slots[i], or i without a cache) sees key j iff
+    j <= its slot and key_valid[b, j]. A query always sees itself, so the rows of padding tokens are not
+    all-masked (SDPA would return NaN there); nothing real ever looks at them. None = plain causal."""
+    if key_valid is None and cache_slots is None:
+        return None
+    key_idx = torch.arange(S, device=device)
+    query_idx = cache_slots if cache_slots is not None else torch.arange(L, device=device)
+    visible = key_idx[None, :] <= query_idx[:, None]  # [L, S]
+    if key_valid is not None:
+        visible = visible & (key_valid[:, None, :] | (key_idx[None, :] == query_idx[:, None]))  # [B, L, S]
+    return visible.view(-1, 1, L, S)
+
+
+class Qwen2(nn.Module):
+    """Qwen2 / Qwen2.5 decoder. Module names mirror the checkpoint keys (`model.layers.0.self_attn.q_proj`...)
+    so loading needs no renaming. Tied checkpoints have no `lm_head`: the embedding matrix is reused."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(init_weights)
+        self.activation_checkpointing = False  # training: recompute each block in backward (memory for time)
+        self._compiled_decode = None
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, positions=None,
+                cache_slots=None, last_only=False, return_last_attn=False):
+        """Logits [B, L, V] (L = 1 with last_only) for input_ids [B, L] or inputs_embeds [B, L, C].
+
+        attention_mask: bool, True on real tokens: [B, L], or [B, max_len] over cache slots with a cache.
+        positions [B, L]: RoPE positions; default: counted over real tokens (so padding does not shift them).
+        cache_slots [L]: write k/v at these slots of the static cache (setup_cache first) and attend over it.
+        return_last_attn: also return the last layer's attention probabilities [B, heads, L, S] (eager path).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Qwen2.forward: pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, C]
+        B, L, _ = x.shape
+        S = L
+        if cache_slots is not None:
+            if self.layers[0].self_attn.cache is None:
+                raise RuntimeError("Qwen2.forward got cache_slots but there is no cache: call setup_cache()")
+            S = self.layers[0].self_attn.cache.k.shape[2]
+        if positions is None:
+            if cache_slots is not None:
+                positions = cache_slots[None].expand(B, L)
+            elif attention_mask is not None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                positions = torch.arange(L, device=x.device)[None].expand(B, L)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = attention_mask_4d(L, S, attention_mask, cache_slots, x.device)
+        probs = None
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            args = (x, cos, sin, mask, cache_slots, return_last_attn and i == len(self.layers) - 1)
+            if checkpointing:
+                x, probs = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x, probs = layer(*args)
+        x = self.model.norm(x[:, -1:] if last_only else x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
+        return (logits, probs) if return_last_attn else logits
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> int:
+        """Preallocate every layer's KV cache; returns its length. A cache of the same batch size, dtype and
+        device that is long enough is reused: no reallocation, and a compiled decode step sees the same
+        shapes (the step's shapes depend on batch size and cache length only), so it does not recompile."""
+        weight = self.embed_tokens.weight
+        dtype, device = dtype or weight.dtype, torch.device(device or weight.device)
+        c = self.config
+        old = self.layers[0].self_attn.cache
+        if old is not None and (old.k.shape[0], old.k.dtype, old.k.device) == (batch_size, dtype, device) \
+                and old.k.shape[2] >= max_len:
+            return old.k.shape[2]
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        for layer in self.layers:
+            layer.self_attn.cache = KVCache(*shape, dtype, device)
+        return max_len
+
+    def decode_step(self, tokens, positions, cache_slots, key_valid):
+        """One token per row: tokens, positions [B, 1]; cache_slots [1]; key_valid [B, max_len] -> [B, V].
+        Static shapes, no Python branching on values: the part worth torch.compile (gpt-fast)."""
+        return self(input_ids=tokens, positions=positions, cache_slots=cache_slots,
+                    attention_mask=key_valid)[:, -1]
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 64, stop_token_ids=(), sampleable_size: int | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 compile: bool = False) -> list[list[int]]:
+        """New tokens per row, stopping each row at its first stop token (excluded).
+
+        inputs_embeds [B, P, C] are LEFT-padded prompts, attention_mask [B, P] True on real tokens. Left
+        padding makes every row's prompt end at slot P-1, so all rows write the same cache slot at each decode
+        step (one slot index for the batch, as in gpt-fast); RoPE positions are counted per row over real
+        tokens, so a padded row computes exactly what it would alone. Ids >= sampleable_size never come out.
+        """
+        B, P, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(B, P, dtype=torch.bool, device=device)
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+        if (attention_mask[:, 1:] < attention_mask[:, :-1]).any() or not attention_mask[:, -1].all():
+            raise ValueError("Qwen2.generate expects left-padded prompts (mask rows False..False True..True)")
+        if max_new_tokens < 1:
+            return [[] for _ in range(B)]
+        cache_len = self.setup_cache(B, P + max_new_tokens, inputs_embeds.dtype, device)
+        key_valid = torch.ones(B, cache_len, dtype=torch.bool, device=device)  # slots past the end: unused
+        key_valid[:, :P] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        logits = self(inputs_embeds=inputs_embeds, attention_mask=key_valid, positions=positions,
+                      cache_slots=torch.arange(P, device=device), last_only=True)[:, -1]  # prefill: [B, V]
+        decode = self.decode_step
+        if compile:
+            if self._compiled_decode is None:
+                self._compiled_decode = torch.compile(self.decode_step, mode="reduce-overhead",
+                                                      fullgraph=True)
+            decode = self._compiled_decode
+        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        next_position, slot = positions[:, -1:] + 1, torch.tensor([P], device=device)
+        tokens = []
+        for step in range(max_new_tokens):
+            token = sample(logits[:, :sampleable_size], temperature, top_p, generator)  # [B]
+            tokens.append(token)
+            done |= torch.isin(token, stop)
+            # done.all() waits for the GPU: ask every 8 steps only (tokens after a stop are cut below)
+            if step == max_new_tokens - 1 or (step % 8 == 7 and done.all()):
+                break
+            logits = decode(token[:, None], next_position + step, slot + step, key_valid)
+        out = torch.stack(tokens, dim=1).tolist()  # [B, steps]
+        return [row[:next((i for i, t in enumerate(row) if t in stop_token_ids), len(row))] for row in out]
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None):
+    """logits [B, V] -> ids [B]: greedy when temperature <= 0, else temperature + nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # drop a token once the tokens ranked above it already reach top_p (the top token always stays)
+    sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
+    pick = torch.multinomial(sorted_probs, 1, generator=generator)  # multinomial renormalizes
+    return order.gather(-1, pick).squeeze(-1)
+
+
+def init_weights(module: nn.Module):
+    """Random init (as transformers' Qwen2, initializer_range 0.02) for tests, benchmarks and tiny models."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------- strict checkpoint loading
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The weight files of a Hub-style directory: model.safetensors, or the shards its index lists."""
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        if missing := [s for s in shards if not os.path.isfile(os.path.join(path, s))]:
+            raise FileNotFoundError(f"{index} lists shards that are missing in {path}: {missing} "
+                                    "(an interrupted download? fetch the snapshot again)")
+        return [os.path.join(path, s) for s in shards]
+    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors, or model.safetensors.index"
+                            ".json with its shards (download the snapshot with download.py)")
+
+
+def load_strict(model: nn.Module, files: list[str], dtype, device, skip: set[str] = frozenset()):
+    """Fill every entry of model.state_dict() from safetensors `files`, floats cast to `dtype`. Every
+    checkpoint tensor must be used or in `skip`, every entry filled, every shape equal; otherwise a
+    ValueError names the keys and files. The model may live on the meta device (tensors are assigned)."""
+    expected = model.state_dict()
+    state, unexpected, bad_shapes, bad_keys = {}, [], [], set()
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                if key in skip:
+                    continue
+                if key not in expected:
+                    unexpected.append(f"{key} (in {file})")
+                    continue
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(expected[key].shape):
+                    bad_shapes.append(f"{key} in {file}: {list(shape)}, expected {list(expected[key].shape)}")
+                    bad_keys.add(key)
+                    continue
+                t = f.get_tensor(key)
+                state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    missing = sorted(set(expected) - set(state) - bad_keys)
+    problems = {"missing tensors": missing, "unexpected tensors": unexpected, "wrong shapes": bad_shapes}
+    if any(problems.values()):
+        listing = lambda keys: f"{keys[:10]}" + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+        raise ValueError(f"weights in {sorted(set(map(os.path.dirname, files)))} do not match the model "
+                         "built from its config.json:\n  " +
+                         "\n  ".join(f"{what}: {listing(keys)}" for what, keys in problems.items() if keys))
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load_qwen2(path: str, dtype=torch.float32, device="cpu") -> Qwen2:
+    """Qwen2 / Qwen2.5 from a Hub-style directory (config.json + model.safetensors or shards + index)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{config_file} not found: point at a Qwen2.5 snapshot (see download.py)")
+    with open(config_file) as f:
+        config = Qwen2Config.from_hf(json.load(f), config_file)
+    files = safetensors_files(path)
+    with torch.device("meta"):
+        model = Qwen2(config)
+    # a tied checkpoint may still carry lm_head.weight (a copy of the embedding): deliberately unused
+    load_strict(model, files, dtype, device, skip={"lm_head.weight"} if config.tie_word_embeddings else set())
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- TinyGroundingGPT
+
+
+class Projector(nn.Module):
+    """Concatenated vision features -> LLM embeddings: Linear -> GELU -> Linear (LLaVA-1.5's mlp2x_gelu)."""
+
+    def __init__(self, vision_dim: int, llm_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_dim, llm_dim)
+        self.fc2 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+@dataclass
+class TinyGroundingGPTConfig:
+    vision: list[VisionConfig]
+    llm: Qwen2Config
+    image_token_id: int  # <|image_pad|>: one per image patch token
+    object_token_id: int  # <|vision_pad|>: one per pooled object token
+    pad_token_id: int
+    stop_token_ids: list[int]
+    sampleable_size: int  # ids >= this are padding rows of the embedding: never generated
+    # Object crops are pooled to this many tokens (a square: an adaptive average over the patch grid).
+    # 16 = 4x4 at full size, each token averaging 6x6 of the 24x24 patches: an object costs 16 tokens.
+    object_tokens: int = 16
+    train_towers: bool = False  # False: towers frozen (eval mode, no grad)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "TinyGroundingGPTConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if unknown := set(d) - fields:
+            raise ValueError(f"{source}: unknown TinyGroundingGPT config fields {sorted(unknown)}")
+        try:
+            vision, llm = [VisionConfig(**v) for v in d["vision"]], Qwen2Config(**d["llm"])
+            return cls(**{**d, "vision": vision, "llm": llm})
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"{source}: not a TinyGroundingGPT config ({e})") from e
+
+
+def pool_patches(features: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[N, P, D] on a square patch grid -> [N, tokens, D], adaptive average pooling to sqrt(tokens)^2."""
+    N, P, D = features.shape
+    side = math.isqrt(P)
+    grid = features.transpose(1, 2).reshape(N, D, side, side)  # row-major patches -> [N, D, side, side]
+    return F.adaptive_avg_pool2d(grid, math.isqrt(tokens)).flatten(2).transpose(1, 2)
+
+
+class TinyGroundingGPT(nn.Module):
+    def __init__(self, config: TinyGroundingGPTConfig, encoder: MultiScaleEncoder | None = None,
+                 llm: Qwen2 | None = None):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder if encoder is not None else MultiScaleEncoder(config.vision)
+        self.projector = Projector(self.encoder.hidden_size, config.llm.hidden_size)
+        self.llm = llm if llm is not None else Qwen2(config.llm)
+        self.encoder.requires_grad_(config.train_towers)
+        patches, side = self.encoder.num_patches, math.isqrt(config.object_tokens)
+        if side * side != config.object_tokens or not 0 < config.object_tokens <= patches \
+                or math.isqrt(patches) ** 2 != patches:
+            raise ValueError(f"object_tokens={config.object_tokens} must be a square number no larger than "
+                             f"the {patches} patches of the (square) patch grid")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per <image>: one per patch (<object> takes config.object_tokens)."""
+        return self.encoder.num_patches
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.config.train_towers:
+            self.encoder.eval()
+        return self
+
+    def encode(self, pixels: torch.Tensor, pool_to: int | None = None) -> torch.Tensor:
+        """pixels [N, T, 3, S, S] -> LLM-space features [N, num_patches or pool_to, llm_hidden]."""
+        weight = self.llm.embed_tokens.weight  # its dtype is the compute dtype, also under FSDP2
+        with torch.set_grad_enabled(self.config.train_towers and torch.is_grad_enabled()):
+            features = self.encoder(pixels.to(weight.device, weight.dtype))  # [N, P, sum(hidden)]
+        if pool_to is not None:
+            features = pool_patches(features, pool_to)
+        return self.projector(features.to(weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, images=None, objects=None) -> torch.Tensor:
+        """input_ids [B, L] -> [B, L, C], image and object features scattered into their placeholder runs in
+        row-major order (the i-th run of the batch gets the i-th image / object)."""
+        embeds = self.llm.embed_tokens(input_ids)
+        c = self.config
+        for name, token_id, pixels, pool_to in [("image", c.image_token_id, images, None),
+                                                ("object", c.object_token_id, objects, c.object_tokens)]:
+            slots = input_ids == token_id  # [B, L]
+            count = int(slots.sum())
+            n = 0 if pixels is None else len(pixels)
+            per_item = pool_to or self.encoder.num_patches
+            if count != n * per_item:
+                raise ValueError(f"input_ids hold {count} {name} placeholder tokens (id {token_id}) but {n} "
+                                 f"{name}s x {per_item} tokens = {n * per_item} features were given: each "
+                                 f"<{name}> must expand to exactly {per_item} tokens, one per {name} passed")
+            if n:
+                features = self.encode(pixels, pool_to)  # [n, per_item, C]
+                embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+        return embeds
+
+    def forward(self, input_ids, attention_mask=None, labels=None, images=None, objects=None,
+                return_last_attn=False):
+        """The batch contract of data.py -> (logits [B, L, V], loss or None), plus the last layer's attention
+        probabilities [B, heads, L, L] with return_last_attn. Loss: mean cross-entropy in fp32 of token t+1
+        over the positions whose label is not -100."""
+        embeds = self.embed(input_ids, images, objects)
+        if attention_mask is not None and not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+            # right padding: causal attention alone gives real tokens exactly their outputs (they never see
+            # the padding after them), and no mask keeps SDPA on its flash kernel
+            attention_mask = None
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, return_last_attn=return_last_attn)
+        logits, attn = out if return_last_attn else (out, None)
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:]
+            keep = targets != -100  # [B, L-1]
+            loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+            loss = loss / keep.sum().clamp(min=1)
+        return (logits, loss, attn) if return_last_attn else (logits, loss)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], images=None, objects=None, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 compile: bool = False) -> list[list[int]]:
+        """New token ids per prompt (stop token excluded). Prompts are left-padded (see Qwen2.generate)."""
+        if not prompts or not all(prompts):
+            raise ValueError("generate needs a non-empty list of non-empty prompts")
+        device = self.llm.embed_tokens.weight.device
+        P = max(map(len, prompts))
+        ids = torch.full((len(prompts), P), self.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), P, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            ids[row, P - len(prompt):] = torch.tensor(prompt)
+            mask[row, P - len(prompt):] = True
+        embeds = self.embed(ids.to(device), images, objects)
+        c = self.config
+        return self.llm.generate(embeds, mask.to(device), max_new_tokens, c.stop_token_ids, c.sampleable_size,
+                                 temperature, top_p, generator, compile)
+
+    # ------------------------------------------------------------------------- saving and loading
+
+    def save_pretrained(self, directory: str, tokenizer_path: str | None = None):
+        """directory/config.json + model.safetensors (+ a copy of tokenizer.json)."""
+        self.save_state(self.state_dict(), self.config, directory, tokenizer_path)
+
+    @staticmethod
+    def save_state(state: dict, config: TinyGroundingGPTConfig, directory: str,
+                   tokenizer_path: str | None = None):
+        """save_pretrained for a state dict gathered elsewhere (e.g. from FSDP shards). Each file is written
+        to a temporary name first and renamed, so a crash never leaves a half-written file under its name."""
+        os.makedirs(directory, exist_ok=True)
+
+        def write(name, writer):
+            final = os.path.join(directory, name)
+            writer(final + ".tmp")
+            os.replace(final + ".tmp", final)
+
+        def write_config(tmp):
+            with open(tmp, "w") as f:
+                json.dump(config.to_dict(), f, indent=2)
+        write("config.json", write_config)
+        state = {k: v.detach().contiguous() for k, v in state.items()}
+        write("model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        if tokenizer_path is not None:
+            write("tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
+
+    @classmethod
+    def from_pretrained(cls, directory: str, dtype=torch.float32, device="cpu") -> "TinyGroundingGPT":
+        config_file = os.path.join(directory, "config.json")
+        for file in (config_file, os.path.join(directory, "model.safetensors")):
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{file} not found: a TinyGroundingGPT directory holds config.json "
+                                        "and model.safetensors written by save_pretrained (train.py exports)")
+        with open(config_file) as f:
+            config = TinyGroundingGPTConfig.from_dict(json.load(f), config_file)
+        with torch.device("meta"):
+            model = cls(config)
+        # assign=True; the towers' load hook then recomputes their resized position tables
+        load_strict(model, [os.path.join(directory, "model.safetensors")], dtype, device)
+        return model.eval()
+
+    @classmethod
+    def from_components(cls, clip_dir: str, dino_dir: str, qwen_dir: str, image_size: int = 336,
+                        dtype=torch.float32, device="cpu", **overrides) -> "TinyGroundingGPT":
+        """The stage-1 starting point from the three public checkpoints; the projector is random.
+        Token ids are looked up by name in qwen_dir/tokenizer.json; `overrides` set other config fields."""
+        from tokenizers import Tokenizer
+
+        tokenizer_file = os.path.join(qwen_dir, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise FileNotFoundError(f"{tokenizer_file} not found: the Qwen2.5 snapshot must include it")
+        tok = Tokenizer.from_file(tokenizer_file)
+
+        def token_id(text):
+            if (i := tok.token_to_id(text)) is None:
+                raise ValueError(f"{tokenizer_file} has no token {text}: is this a Qwen2.5 tokenizer?")
+            return i
+        encoder = MultiScaleEncoder.from_pretrained([clip_dir, dino_dir], image_size, dtype, device)
+        llm = load_qwen2(qwen_dir, dtype, device)
+        fields = dict(vision=encoder.configs, llm=llm.config, image_token_id=token_id("<|image_pad|>"),
+                      object_token_id=token_id("<|vision_pad|>"), pad_token_id=token_id("<|endoftext|>"),
+                      stop_token_ids=[token_id("<|im_end|>"), token_id("<|endoftext|>")],
+                      sampleable_size=tok.get_vocab_size(with_added_tokens=True))
+        if unknown := set(overrides) - {f.name for f in dataclasses.fields(TinyGroundingGPTConfig)}:
+            raise TypeError(f"from_components: unknown config fields {sorted(unknown)}")
+        model = cls(TinyGroundingGPTConfig(**{**fields, **overrides}), encoder=encoder, llm=llm)
+        model.projector.to(device=device, dtype=dtype)
+        return model.eval()

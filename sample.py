@@ -1,0 +1,443 @@
+"""Ask a trained TinyGroundingGPT about an image: one question, a chat, or an OpenAI-compatible server.
+
+    python sample.py assets/shapes_demo.png "Output the coordinate of the red circle"
+    python sample.py photo.jpg "What is in <object>?" --object 0.1,0.2,0.5,0.6 --attn object
+    python sample.py photo.jpg                                   # interactive chat about the image
+    python sample.py --serve --port 8000                         # POST /v1/chat/completions
+
+Every box in an answer is drawn on the image (saved as IMAGE.boxes.png, or --out) and printed in pixels.
+`--attn` saves the paper's interpretability map (Sec. 5.2): the last layer's attention from an object's
+tokens (the answer's coordinates, the question's text, or the object image) to the image patches, summed
+over heads and tokens, normalized, drawn over the image. The default checkpoint is the shipped shapes model:
+it knows only the shapes world, but the CLI runs on any photo.
+"""
+
+import argparse
+import base64
+import io
+import json
+import math
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+import data
+from encoders import crop_object
+from model import TinyGroundingGPT
+
+DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-model")
+BOX_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
+
+
+def load(ckpt: str, device: str = "cpu") -> tuple[TinyGroundingGPT, data.Tokenizer]:
+    """Model and tokenizer of an exported directory; a missing file is one clear error."""
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(ckpt, name)):
+            raise SystemExit(
+                f"error: {ckpt} has no {name}. Point --ckpt at a directory exported by train.py "
+                "(config.json, model.safetensors, tokenizer.json)."
+            )
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return TinyGroundingGPT.from_pretrained(ckpt, dtype=dtype, device=device), data.Tokenizer.from_file(
+        os.path.join(ckpt, "tokenizer.json")
+    )
+
+
+def open_image(path: str) -> Image.Image:
+    try:
+        return Image.open(path).convert("RGB")
+    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError) as e:
+        raise SystemExit(f"error: cannot read {path!r} as an image ({e}); give a JPEG or PNG file") from None
+
+
+def parse_object_box(text: str) -> list[float]:
+    """'x1,y1,x2,y2' normalized on the padded square -> box, checked."""
+    try:
+        box = [float(v) for v in text.strip("[]() ").split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+        raise SystemExit(
+            f"error: --object {text!r} must be x1,y1,x2,y2 with 0 <= x1 < x2 <= 1 and "
+            "0 <= y1 < y2 <= 1, normalized on the image padded to a square"
+        )
+    return box
+
+
+class Session:
+    """One image (or none) and its conversation; each `ask` adds a turn and answers it."""
+
+    def __init__(
+        self,
+        model: TinyGroundingGPT,
+        tok: data.Tokenizer,
+        image: Image.Image | None,
+        objects: list[list[float]] = (),
+        system: str | None = None,
+    ):
+        self.model, self.tok, self.image, self.system = model, tok, image, system
+        self.history: list[dict] = []
+        processor = model.encoder.processor
+        self.pixels = processor(image)[None] if image is not None else None  # [1, T, 3, S, S]
+        self.object_pixels = (
+            torch.stack([processor(crop_object(image, b)) for b in objects]) if objects else None
+        )
+        self.last: dict = {}  # inputs of the last answer, for attention_map
+
+    def ask(
+        self, question: str, temperature: float = 0.0, max_new_tokens: int = 64, top_p: float = 1.0
+    ) -> str:
+        if self.image is not None and not self.history and "<image>" not in question:
+            question = "<image>\n" + question  # the image comes first, as in every training sample
+        turns = self.history + [{"from": "human", "value": question}]
+        text = "".join(t["value"] for t in turns)
+        n_objects = text.count("<object>")
+        available = 0 if self.object_pixels is None else len(self.object_pixels)
+        if n_objects > available:
+            raise ValueError(
+                f"the conversation has {n_objects} <object> markers but {available} --object boxes"
+            )
+        if "<image>" in text and self.image is None:
+            raise ValueError("the question has <image> but no image was given")
+        ids, _ = data.encode_conversation(
+            self.tok, turns, self.model.num_image_tokens, self.model.config.object_tokens, self.system
+        )
+        ids += [self.tok.im_start_id] + self.tok.encode("assistant\n")
+        images = self.pixels if "<image>" in text else None
+        objects = self.object_pixels[:n_objects] if n_objects else None
+        answer_ids = self.model.generate(
+            [ids],
+            images=images,
+            objects=objects,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+        )[0]
+        answer = self.tok.decode(answer_ids)
+        self.history = turns + [{"from": "gpt", "value": answer}]
+        self.last = dict(prompt_ids=ids, answer_ids=answer_ids, images=images, objects=objects)
+        return answer
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def draw_boxes(image: Image.Image, boxes: list[list[float]]) -> tuple[Image.Image, list[list[float]]]:
+    """Boxes (normalized, padded square) drawn on a copy of the original image; also returns pixel boxes."""
+    out, pixels = image.copy(), []
+    draw = ImageDraw.Draw(out)
+    width = max(2, round(max(image.size) / 150))
+    for i, box in enumerate(boxes):
+        px = data.box_to_pixels(box, *image.size)
+        pixels.append([round(v, 1) for v in px])
+        color = BOX_COLORS[i % len(BOX_COLORS)]
+        draw.rectangle(px, outline=color, width=width)
+        draw.text((px[0] + width + 1, px[1] + width), str(i + 1), fill=color)
+    return out, pixels
+
+
+def token_spans(tok: data.Tokenizer, ids: list[int]) -> list[tuple[int, int]]:
+    """Character span of each token in the decoded text (decoding prefixes: exact for byte-level BPE)."""
+    spans, previous = [], 0
+    for n in range(1, len(ids) + 1):
+        end = len(tok.decode(ids[:n]))
+        spans.append((previous, end))
+        previous = end
+    return spans
+
+
+@torch.no_grad()
+def attention_map(session: Session, source: str) -> torch.Tensor:
+    """The last layer's attention of the last answer, from `source` tokens to the image patches -> [side, side].
+
+    source: "coords" (the first box of the answer), "text" (the question's words) or "object" (the object
+    image's tokens). Summed over heads and over the source tokens, then normalized by its maximum (to [0, 1])."""
+    model, tok, last = session.model, session.tok, session.last
+    prompt_ids, answer_ids = last["prompt_ids"], last["answer_ids"]
+    if last["images"] is None:
+        raise ValueError("--attn needs an image")
+    ids = prompt_ids + answer_ids
+    if source == "coords":
+        spans = token_spans(tok, answer_ids)
+        match = data.BOX_RE.search(tok.decode(answer_ids))
+        if not match:
+            raise ValueError("--attn coords needs a box in the answer; try --attn text")
+        queries = [
+            len(prompt_ids) + i for i, (a, b) in enumerate(spans) if a < match.end() and b > match.start()
+        ]
+    elif source == "object":
+        queries = [i for i, t in enumerate(ids) if t == model.config.object_token_id]
+        if not queries:
+            raise ValueError("--attn object needs an <object> in the question (and --object)")
+    else:  # the question's text: the last user turn's tokens that are not placeholders or template
+        start = max(i for i, t in enumerate(prompt_ids) if t == tok.im_start_id and i < len(prompt_ids) - 3)
+        skip = {
+            model.config.image_token_id,
+            model.config.object_token_id,
+            tok.vision_start_id,
+            tok.vision_end_id,
+            tok.im_end_id,
+            tok.im_start_id,
+        }
+        queries = [i for i in range(start + 3, len(prompt_ids) - 3) if prompt_ids[i] not in skip]
+    _, _, attn = model(
+        torch.tensor([ids]), images=last["images"], objects=last["objects"], return_last_attn=True
+    )
+    patches = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
+    weights = attn[0].float()[:, queries][:, :, patches].sum(dim=(0, 1))  # [num_patches]
+    side = math.isqrt(len(patches))
+    return (weights / weights.max().clamp(min=1e-12)).reshape(side, side)
+
+
+def draw_heat_map(image: Image.Image, heat: torch.Tensor) -> Image.Image:
+    """Heat map [side, side] on the padded square, blended over the image, cropped back to the image."""
+    square = data.pad_offsets(*image.size)[0]
+    _, left, top = data.pad_offsets(*image.size)
+    h = (heat.clamp(0, 1) * 255).byte().numpy()
+    mask = Image.fromarray(h, mode="L").resize((square, square), Image.BICUBIC)
+    red = Image.new("RGB", (square, square), (255, 40, 0))
+    canvas = Image.new("RGB", (square, square))
+    canvas.paste(image, (left, top))
+    blended = Image.composite(red, canvas, mask.point(lambda v: int(v * 0.7)))
+    return blended.crop((left, top, left + image.size[0], top + image.size[1]))
+
+
+def show_answer(image: Image.Image | None, answer: str, save_to: str | None) -> None:
+    print(answer)
+    boxes = data.parse_boxes(answer)
+    if image is None or not boxes:
+        return
+    drawn, pixels = draw_boxes(image, boxes)
+    for i, px in enumerate(pixels):
+        print(f"  box {i + 1}: [{', '.join(f'{v:g}' for v in px)}] pixels")
+    if save_to:
+        drawn.save(save_to)
+        print(f"  drawn on {save_to}")
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible server
+
+
+class RequestError(ValueError):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_data_url(url: str) -> Image.Image:
+    if not isinstance(url, str) or not url.startswith("data:image/") or ";base64," not in url:
+        raise RequestError(400, "image_url.url must be a data URL: data:image/<type>;base64,<data>")
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True))).convert("RGB")
+    except (ValueError, UnidentifiedImageError, OSError) as e:
+        raise RequestError(400, f"image_url.url does not hold a readable image ({e})") from None
+
+
+def chat_turns(messages) -> tuple[str | None, list[dict], Image.Image | None]:
+    """OpenAI messages -> (system prompt, our turns, the image). One image at most; it becomes <image> where
+    its part stands. The last message must be the user's."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list")
+    system, turns, image = None, [], None
+    for n, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in ("system", "user", "assistant"):
+            raise RequestError(400, f"messages[{n}].role must be system, user or assistant")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise RequestError(400, f"messages[{n}].content must be a string or a list of parts")
+        text = ""
+        for part in parts:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                text += part["text"]
+            elif kind == "image_url" and role == "user":
+                if image is not None:
+                    raise RequestError(400, "this model takes one image per conversation")
+                image = decode_data_url((part.get("image_url") or {}).get("url"))
+                text += "<image>\n"
+            else:
+                raise RequestError(400, f"messages[{n}] has an unsupported part {kind!r}")
+        if role == "system":
+            system = text
+        else:
+            turns.append({"from": "human" if role == "user" else "gpt", "value": text})
+    if not turns or turns[-1]["from"] != "human":
+        raise RequestError(400, "the last message must be the user's")
+    return system, turns, image
+
+
+class ChatServer:
+    """/v1/chat/completions over one model; requests are answered one at a time (a lock)."""
+
+    def __init__(self, model: TinyGroundingGPT, tok: data.Tokenizer, name: str):
+        self.model, self.tok, self.name, self.lock, self.count = model, tok, name, threading.Lock(), 0
+
+    def complete(self, request: dict) -> dict:
+        if not isinstance(request, dict):
+            raise RequestError(400, "the body must be a JSON object")
+        system, turns, image = chat_turns(request.get("messages"))
+        try:
+            max_tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or 64)
+            temperature, top_p = float(request.get("temperature", 0.0)), float(request.get("top_p", 1.0))
+            objects = [[float(v) for v in b] for b in request.get("objects", [])]  # our extension: boxes
+        except (TypeError, ValueError):
+            raise RequestError(400, "max_tokens, temperature, top_p and objects must be numbers") from None
+        if not 1 <= max_tokens <= 1024 or temperature < 0 or not 0 < top_p <= 1:
+            raise RequestError(400, "need 1 <= max_tokens <= 1024, temperature >= 0 and 0 < top_p <= 1")
+        if objects and image is None:
+            raise RequestError(400, "'objects' are boxes on the image: send an image too")
+        with self.lock:
+            session = Session(self.model, self.tok, image, objects, system)
+            session.history = turns[:-1]
+            try:
+                answer = session.ask(turns[-1]["value"], temperature, max_tokens, top_p)
+            except ValueError as e:
+                raise RequestError(400, str(e)) from None
+            self.count += 1
+            prompt, completion = len(session.last["prompt_ids"]), len(session.last["answer_ids"])
+        return {
+            "id": f"chatcmpl-{self.count}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer},
+                    "finish_reason": "length" if completion >= max_tokens else "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        }
+
+
+def make_handler(server: ChatServer):
+    class Handler(BaseHTTPRequestHandler):
+        def reply(self, status: int, body: dict):
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def error(self, status: int, message: str):
+            self.reply(
+                status, {"error": {"message": message, "type": "invalid_request_error", "code": status}}
+            )
+
+        def do_GET(self):
+            if self.path.rstrip("/") in ("/v1/models", "/models"):
+                self.reply(200, {"object": "list", "data": [{"id": server.name, "object": "model"}]})
+            elif self.path == "/health":
+                self.reply(200, {"status": "ok"})
+            else:
+                self.error(404, f"no route {self.path}; use POST /v1/chat/completions")
+
+        def do_POST(self):
+            if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+                return self.error(404, f"no route {self.path}; use POST /v1/chat/completions")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > 32 * 2**20:
+                    return self.error(413, "request larger than 32 MiB")
+                request = json.loads(self.rfile.read(length) or b"null")
+                self.reply(200, server.complete(request))
+            except json.JSONDecodeError as e:
+                self.error(400, f"the body is not JSON ({e})")
+            except RequestError as e:
+                self.error(e.status, str(e))
+            except Exception as e:  # a bad request must never take the server down
+                self.error(500, f"{type(e).__name__}: {e}")
+
+        def log_message(self, fmt, *args):
+            sys.stderr.write(f"[serve] {self.address_string()} {fmt % args}\n")
+
+    return Handler
+
+
+def serve(
+    model: TinyGroundingGPT, tok: data.Tokenizer, name: str, host: str, port: int
+) -> ThreadingHTTPServer:
+    httpd = ThreadingHTTPServer((host, port), make_handler(ChatServer(model, tok, name)))
+    print(f"serving {name} on http://{host}:{httpd.server_address[1]}/v1/chat/completions", flush=True)
+    return httpd
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", nargs="?", help="an image file (JPEG, PNG, ...)")
+    p.add_argument("prompt", nargs="?", help="the question; without it, an interactive chat")
+    p.add_argument(
+        "--ckpt", default=DEFAULT_CKPT, help="exported model directory (default: the shapes model)"
+    )
+    p.add_argument(
+        "--object",
+        action="append",
+        default=[],
+        metavar="X1,Y1,X2,Y2",
+        help="object image box for each <object> in the prompt (normalized, padded square)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--out", help="where to save the image with boxes (default IMAGE.boxes.png)")
+    p.add_argument(
+        "--attn", choices=["coords", "text", "object"], help="save the attention map (IMAGE.attn.png)"
+    )
+    p.add_argument("--serve", action="store_true", help="serve /v1/chat/completions instead")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    model, tok = load(args.ckpt, args.device)
+    if args.serve:
+        httpd = serve(model, tok, os.path.basename(os.path.normpath(args.ckpt)), args.host, args.port)
+        try:
+            httpd.serve_forever()
+        except KeyboardInterrupt:
+            httpd.server_close()
+        return
+    if not args.image:
+        p.error("give an IMAGE (and a PROMPT), or --serve")
+    image = open_image(args.image)
+    objects = [parse_object_box(b) for b in args.object]
+    session = Session(model, tok, image, objects)
+    stem = os.path.splitext(args.image)[0]
+
+    def turn(question: str):
+        try:
+            answer = session.ask(question, args.temperature, args.max_new_tokens, args.top_p)
+            show_answer(image, answer, args.out or stem + ".boxes.png")
+            if args.attn:
+                draw_heat_map(image, attention_map(session, args.attn)).save(stem + ".attn.png")
+                print(f"  attention map ({args.attn} -> image) on {stem}.attn.png")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    if args.prompt:
+        return turn(args.prompt)
+    print("Chat about the image (an empty line or Ctrl-D ends it).")
+    while question := input("you> ").strip():
+        turn(question)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (EOFError, KeyboardInterrupt):
+        print()

