@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -502,33 +503,46 @@ class TinyGroundingGPT(nn.Module):
             self.encoder.eval()
         return self
 
-    def encode(self, pixels: torch.Tensor, pool_to: int | None = None) -> torch.Tensor:
-        """pixels [N, T, 3, S, S] -> LLM-space features [N, num_patches or pool_to, llm_hidden]."""
+    def encode(self, images=None, objects=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels [NI, T, 3, S, S] and [NO, T, 3, S, S] -> LLM-space features [NI, num_patches, C] and
+        [NO, object_tokens, C]. Images and objects go through the towers in one call, and under FSDP every
+        process makes that call even without any picture (on one blank image, weighted 0 later): sharded
+        towers gather their weights in a collective that all processes must join."""
         weight = self.llm.embed_tokens.weight  # its dtype is the compute dtype, also under FSDP2
+        parts = [p for p in (images, objects) if p is not None and len(p)]
+        if not parts:
+            side = self.encoder.configs[0].image_size
+            parts = [torch.zeros(1, len(self.encoder.configs), 3, side, side)]
+        pixels = torch.cat(parts).to(weight.device, weight.dtype)
         with torch.set_grad_enabled(self.config.train_towers and torch.is_grad_enabled()):
-            features = self.encoder(pixels.to(weight.device, weight.dtype))  # [N, P, sum(hidden)]
-        if pool_to is not None:
-            features = pool_patches(features, pool_to)
-        return self.projector(features.to(weight.dtype))
+            features = self.encoder(pixels)  # [NI + NO, P, sum(hidden)]
+        n_images = 0 if images is None else len(images)
+        image_features, object_features = features[:n_images], features[n_images:]
+        if objects is not None and len(objects):
+            object_features = pool_patches(object_features, self.config.object_tokens)
+        return self.projector(image_features.to(weight.dtype)), self.projector(object_features.to(weight.dtype))
 
     def embed(self, input_ids: torch.Tensor, images=None, objects=None) -> torch.Tensor:
         """input_ids [B, L] -> [B, L, C], image and object features scattered into their placeholder runs in
         row-major order (the i-th run of the batch gets the i-th image / object)."""
         embeds = self.llm.embed_tokens(input_ids)
         c = self.config
-        for name, token_id, pixels, pool_to in [("image", c.image_token_id, images, None),
-                                                ("object", c.object_token_id, objects, c.object_tokens)]:
+        if images is None and objects is None and not (dist.is_initialized() and torch.is_grad_enabled()):
+            return embeds  # text only, one process (or inference): the towers need not run
+        features = self.encode(images, objects)
+        for name, token_id, pixels, feats, per_item in [
+                ("image", c.image_token_id, images, features[0], self.encoder.num_patches),
+                ("object", c.object_token_id, objects, features[1], c.object_tokens)]:
             slots = input_ids == token_id  # [B, L]
-            count = int(slots.sum())
-            n = 0 if pixels is None else len(pixels)
-            per_item = pool_to or self.encoder.num_patches
+            count, n = int(slots.sum()), 0 if pixels is None else len(pixels)
             if count != n * per_item:
                 raise ValueError(f"input_ids hold {count} {name} placeholder tokens (id {token_id}) but {n} "
                                  f"{name}s x {per_item} tokens = {n * per_item} features were given: each "
                                  f"<{name}> must expand to exactly {per_item} tokens, one per {name} passed")
             if n:
-                features = self.encode(pixels, pool_to)  # [n, per_item, C]
-                embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+                embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
+            else:  # keeps unused outputs in the graph, so every process has the same gradients to reduce
+                embeds = embeds + 0.0 * feats.sum().to(embeds.dtype)
         return embeds
 
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, objects=None,

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from model import TinyGroundingGPT
+from encoders import VisionConfig
+from model import Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -235,15 +236,52 @@ def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGro
     return model, os.path.join(cfg.qwen, "tokenizer.json")
 
 
-def set_trainable(model: TinyGroundingGPT, trains: str, train_towers: bool) -> list[torch.nn.Parameter]:
-    """Freeze everything, then unfreeze what the phase trains. Returns the trainable parameters."""
+def shapes_model_config(tok: data.Tokenizer, cfg: TrainConfig) -> TinyGroundingGPTConfig:
+    """The tiny model of the shapes world: two 3-layer towers at 112 px (8x8 patches), a 4-layer LM."""
+    tower = dict(
+        hidden_size=64,
+        num_layers=3,
+        num_heads=4,
+        mlp_size=256,
+        patch_size=14,
+        image_size=112,
+        feature_layer=-1,
+    )  # trained from scratch: the last block's output, no block left idle
+    llm = Qwen2Config(
+        vocab_size=tok.sampleable_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=cfg.max_len,
+    )
+    return TinyGroundingGPTConfig(
+        vision=[VisionConfig(kind="clip", **tower), VisionConfig(kind="dinov2", **tower)],
+        llm=llm,
+        image_token_id=tok.image_pad_id,
+        object_token_id=tok.object_pad_id,
+        pad_token_id=tok.pad_id,
+        stop_token_ids=tok.stop_ids,
+        sampleable_size=tok.sampleable_size,
+        object_tokens=4,
+        train_towers=cfg.train_towers,
+    )
+
+
+def set_trainable(model: TinyGroundingGPT, trains: str, train_towers: bool) -> None:
+    """Freeze everything, then unfreeze what the phase trains."""
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
     if "llm" in trains:
         model.llm.requires_grad_(True)
     model.encoder.requires_grad_(train_towers)
+    for tower in model.encoder.towers:  # blocks after the feature layer never run: nothing to train there
+        used = tower.config.feature_layer % (tower.config.num_layers + 1)
+        tower.blocks[used:].requires_grad_(False)
     model.config.train_towers = train_towers  # the model runs frozen towers under no_grad, in eval mode
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def shard(model: TinyGroundingGPT, cfg: TrainConfig) -> None:
@@ -252,7 +290,7 @@ def shard(model: TinyGroundingGPT, cfg: TrainConfig) -> None:
 
     compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-    blocks = list(model.llm.layers) + [b for tower in model.encoder.towers for b in tower.layers]
+    blocks = list(model.llm.layers) + [b for tower in model.encoder.towers for b in tower.blocks]
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -411,7 +449,7 @@ def flops_per_token(model: TinyGroundingGPT, seq_len: int) -> float:
     """6N + 12·L·H·Q·T for the LLM (REFERENCE §7); the towers' forward is small next to it and left out."""
     c = model.config.llm
     params = sum(p.numel() for p in model.llm.parameters())
-    return 6 * params + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+    return 6 * params + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
 
 
 def peak_flops(device) -> float:
@@ -456,7 +494,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     torch.manual_seed(cfg.seed)
     model, tokenizer_path = build_model(cfg, phase, device)
     tokenizer = data.Tokenizer.from_file(tokenizer_path)
-    trainable = set_trainable(
+    set_trainable(
         model,
         phase.trains if cfg.preset == "paper" else "llm+projector",
         cfg.train_towers and cfg.preset == "shapes",
@@ -470,6 +508,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     sharded = dist.is_initialized()
     if sharded:
         shard(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # sharding replaced the Parameters
     optimizer = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
 
     ckpt_dir = os.path.join(cfg.out_dir, f"{phase.name}-ckpt")
@@ -510,7 +549,12 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     peak, fpt = peak_flops(device), None
     micro_iter = iter(loader)
     bar = tqdm(
-        total=total, initial=start, desc=phase.name, disable=rank != 0, dynamic_ncols=True, leave=False
+        total=total,
+        initial=start,
+        desc=phase.name,
+        disable=rank != 0 or not sys.stderr.isatty(),
+        dynamic_ncols=True,
+        leave=False,
     )
     model.train()
     t_start = time.time()
@@ -585,7 +629,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             )
         print(
             f"{phase.name}: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}"
-            + (f"; {dataset.report()}" if dataset.report() else "")
+            + f"; bad input: {data.SKIPPED}"
         )
 
 

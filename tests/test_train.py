@@ -1,0 +1,185 @@
+"""train.py: sharded (gloo FSDP2) equals single-process training, exact resume after a kill, stage hand-off."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import train
+from model import TinyGroundingGPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+COMMON = ["--preset=shapes", "--dtype=float32", "--num_workers=0", "--log_every=1", "--micro_batch_size=4"]
+
+
+def command(args, nproc=1):
+    if nproc == 1:
+        return [sys.executable, os.path.join(ROOT, "train.py"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        os.path.join(ROOT, "train.py"),
+        *args,
+    ]
+
+
+def run(args, nproc=1):
+    result = subprocess.run(command(args, nproc), env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory):
+    """A random tiny shapes model exported as a phase would be (towers frozen, as in the paper)."""
+    out = str(tmp_path_factory.mktemp("init"))
+    cfg = train.parse_args(["--preset=shapes", "--train_towers=false"])
+    torch.manual_seed(0)
+    model = TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(data.SHAPES_TOKENIZER), cfg))
+    model.save_pretrained(out, data.SHAPES_TOKENIZER)
+    return out
+
+
+def losses(out_dir, phase):
+    with open(os.path.join(out_dir, f"{phase}.metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def weights(out_dir, phase):
+    return load_file(os.path.join(out_dir, phase, "model.safetensors"))
+
+
+def test_parse_args_rejects_unknown_keys_and_bad_types():
+    cfg = train.parse_args(["--stage", "2", "--lr=1e-4", "--compile"])
+    assert (cfg.stage, cfg.lr, cfg.compile) == ("2", 1e-4, True)
+    for bad in (["--nope=1"], ["--lr=fast"], ["--stage=4"], ["--compile=maybe"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+
+
+def test_step_batches_split_the_same_global_batches_over_any_world_size():
+    lengths = [i % 7 for i in range(64)]
+    one = train.StepBatches(lengths, 16, 4, 0, 1, seed=3, start_step=0, total_steps=6)
+    two = [train.StepBatches(lengths, 16, 4, r, 2, seed=3, start_step=0, total_steps=6) for r in range(2)]
+    for step in range(6):  # 6 steps span two epochs (4 steps each)
+        single = sorted(i for mb in one.step_indices(step) for i in mb)
+        split = sorted(i for b in two for mb in b.step_indices(step) for i in mb)
+        assert single == split and len(set(single)) == 16
+    resumed = list(train.StepBatches(lengths, 16, 4, 0, 1, seed=3, start_step=2, total_steps=6))
+    assert resumed == list(one)[2 * 4 :]  # a resumed run sees exactly what the uninterrupted one saw
+
+
+def test_two_process_fsdp_matches_one_process(init_dir, tmp_path):
+    args = [
+        *COMMON,
+        "--stage=2",
+        f"--init={init_dir}",
+        "--shapes_samples=64,64,64,64",
+        "--batch_size=16",
+        "--max_steps=4",
+        "--lr=1e-3",
+    ]
+    run([*args, f"--out_dir={tmp_path / 'one'}"])
+    run([*args, f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    one, two = losses(tmp_path / "one", "stage2"), losses(tmp_path / "two", "stage2")
+    assert len(one) == len(two) == 4
+    # fp32 everywhere; only the order of the gradient reductions differs (all-reduce across 2 processes vs
+    # one sum), which moves the loss in the 6th-7th digit after a few Adam steps.
+    assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
+    a, b = weights(tmp_path / "one", "stage2"), weights(tmp_path / "two", "stage2")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+
+
+def test_killed_run_resumes_to_exactly_the_same_result(init_dir, tmp_path):
+    args = [
+        *COMMON,
+        "--stage=2",
+        f"--init={init_dir}",
+        "--shapes_samples=64,64,64,64",
+        "--batch_size=8",
+        "--max_steps=6",
+        "--ckpt_every=2",
+        "--lr=1e-3",
+    ]
+    run([*args, f"--out_dir={tmp_path / 'straight'}"])
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(
+        command([*args, f"--out_dir={resumed}"]),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pointer = resumed / "stage2-ckpt" / "latest"
+    deadline = time.time() + 240
+    while not pointer.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "stage2" / "model.safetensors").exists(), "the run ended before it could be killed"
+    out = run([*args, f"--out_dir={resumed}"])
+    assert "resuming at step" in out
+    assert losses(resumed, "stage2") == losses(tmp_path / "straight", "stage2")
+    a, b = weights(tmp_path / "straight", "stage2"), weights(resumed, "stage2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
+    # a stage-2 data file in data.py's format, with images on disk (the paper preset reads files)
+    samples = data.ShapesStageData("stage2", 16, seed=1)
+    with open(tmp_path / "stage2.jsonl", "w") as f:
+        for i in range(len(samples)):
+            sample = samples[i]
+            sample["image"].save(tmp_path / f"{i}.png")
+            f.write(json.dumps({**sample, "id": str(i), "image": f"{i}.png"}) + "\n")
+    out = tmp_path / "run"
+    common = [
+        "--dtype=float32",
+        "--num_workers=0",
+        "--micro_batch_size=4",
+        "--batch_size=8",
+        "--max_steps=2",
+        f"--out_dir={out}",
+        f"--image_root={tmp_path}",
+    ]
+    # stage 1 from the init model: pretrain changes only the projector, finetune the projector and the LLM
+    run(["--stage=1", f"--init={init_dir}", f"--data1={tmp_path / 'stage2.jsonl'}", *common])
+    run(["--stage=2", f"--data2={tmp_path / 'stage2.jsonl'}", *common])
+    before = load_file(os.path.join(init_dir, "model.safetensors"))
+    pretrain, stage1, stage2 = weights(out, "stage1-pretrain"), weights(out, "stage1"), weights(out, "stage2")
+
+    def changed(a, b, prefix):
+        keys = [k for k in a if k.startswith(prefix)]
+        assert keys
+        return any(not torch.equal(a[k], b[k]) for k in keys)
+
+    assert changed(before, pretrain, "projector.")
+    assert not changed(before, pretrain, "llm.") and not changed(before, pretrain, "encoder.")
+    assert changed(pretrain, stage1, "llm.") and not changed(pretrain, stage1, "encoder.")
+    assert changed(stage1, stage2, "llm.") and changed(stage1, stage2, "projector.")
+    assert not changed(stage1, stage2, "encoder.")  # stage 2 started from stage 1's export, towers frozen
+
+
+def test_missing_previous_stage_says_what_to_run(tmp_path):
+    result = subprocess.run(
+        command(["--stage=3", f"--out_dir={tmp_path}", "--data3=x.jsonl"]),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "stage2" in result.stderr and "--stage 2" in result.stderr
