@@ -655,8 +655,8 @@ class SceneConfig:
     """Scene difficulty. A training preset can make a curriculum of it: one big object first, more later."""
     min_objects: int = 1
     max_objects: int = 4
-    min_size: float = 0.2  # object side as a fraction of the image's short side
-    max_size: float = 0.45
+    min_size: float = 0.3  # object side as a fraction of the image's short side (big objects: see NOTES.md)
+    max_size: float = 0.5
     min_side: int = 160  # the image's long side in pixels
     max_side: int = 320
     duplicate_prob: float = 0.3  # chance a new object repeats an earlier one's shape: relations become needed

@@ -13,6 +13,7 @@ counted, never dropped. POPE: the benchmark's own answer parser and metrics.
 import argparse
 import json
 import os
+import pickle
 import time
 
 import torch
@@ -168,7 +169,17 @@ def splits_of(args) -> dict[str, list[dict]]:
     (REC) RefCOCO's instances.json with --refs and --split."""
     prefix = "rec_" if args.task == "rec" else "pope_"
     if args.refs:
-        return {args.split: data.read_refcoco(args.data, args.refs, args.split, args.image_dir or "")}
+        if args.task != "rec":
+            raise SystemExit("error: --refs is RefCOCO's REC annotation; use it with --task rec")
+        try:
+            records = data.read_refcoco(args.data, args.refs, args.split, args.image_dir or "")
+        except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+            raise SystemExit(
+                f"error: cannot read RefCOCO from --data {args.data} --refs {args.refs} "
+                f"({type(e).__name__}: {e}); give COCO's instances.json, the matching refs(unc).p / "
+                "refs(umd).p and a split it holds"
+            ) from None
+        return checked({args.split: records})
     if os.path.isdir(args.data):
         files = sorted(
             f for f in os.listdir(args.data) if f.startswith(prefix) and f.endswith((".jsonl", ".json"))
@@ -184,12 +195,26 @@ def splits_of(args) -> dict[str, list[dict]]:
     else:
         raise SystemExit(f"error: --data {args.data} does not exist")
     read = data.read_rec_jsonl if args.task == "rec" else read_pope
-    return {
-        os.path.splitext(os.path.basename(p))[0].removeprefix(prefix): read(
-            p, args.image_dir or os.path.dirname(p)
-        )
-        for p in paths
-    }
+    try:
+        splits = {
+            os.path.splitext(os.path.basename(p))[0].removeprefix(prefix): read(
+                p, args.image_dir or os.path.dirname(p)
+            )
+            for p in paths
+        }
+    except ValueError as e:  # data.SampleError names file and line
+        raise SystemExit(f"error: {e}; expected {prefix}*.jsonl records in the documented layout") from None
+    return checked(splits)
+
+
+def checked(splits: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Every image of every record exists: a wrong --image-dir fails here, not deep in a loader worker."""
+    for records in splits.values():
+        for r in records:
+            if not os.path.isfile(r["image"]):
+                where = r.get("where") or f"question {r.get('question_id')}"
+                raise SystemExit(f"error: {where}: image {r['image']} does not exist; check --image-dir")
+    return splits
 
 
 # ----------------------------------------------------------------------------- command line
@@ -220,8 +245,9 @@ def main(argv=None):
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     from sample import load  # one loader (with its clear errors) for every command
 
-    model, tok = load(args.ckpt, device)
+    # the data first: a wrong path fails in a second, not after loading a large model
     splits = {name: recs[: args.limit] if args.limit else recs for name, recs in splits_of(args).items()}
+    model, tok = load(args.ckpt, device)
     evaluate = evaluate_rec if args.task == "rec" else evaluate_pope
     results, all_rows = {}, []
     for name, records in splits.items():

@@ -55,13 +55,28 @@ def open_image(path: str) -> Image.Image:
         raise SystemExit(f"error: cannot read {path!r} as an image ({e}); give a JPEG or PNG file") from None
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_object_box(box) -> bool:
+    """[x1, y1, x2, y2] with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 (normalized on the padded square)."""
+    return (
+        isinstance(box, (list, tuple))
+        and len(box) == 4
+        and all(is_number(v) and 0.0 <= v <= 1.0 for v in box)
+        and box[0] < box[2]
+        and box[1] < box[3]
+    )
+
+
 def parse_object_box(text: str) -> list[float]:
     """'x1,y1,x2,y2' normalized on the padded square -> box, checked."""
     try:
         box = [float(v) for v in text.strip("[]() ").split(",")]
     except ValueError:
         box = []
-    if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+    if not is_object_box(box):
         raise SystemExit(
             f"error: --object {text!r} must be x1,y1,x2,y2 with 0 <= x1 < x2 <= 1 and "
             "0 <= y1 < y2 <= 1, normalized on the image padded to a square"
@@ -174,17 +189,21 @@ def attention_map(session: Session, source: str) -> torch.Tensor:
         queries = [i for i, t in enumerate(ids) if t == model.config.object_token_id]
         if not queries:
             raise ValueError("--attn object needs an <object> in the question (and --object)")
-    else:  # the question's text: the last user turn's tokens that are not placeholders or template
-        start = max(i for i, t in enumerate(prompt_ids) if t == tok.im_start_id and i < len(prompt_ids) - 3)
+    else:  # the question's words: the last user turn's content, without placeholders and bare whitespace
+        # prompt = ... <|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n
+        end = max(i for i, t in enumerate(prompt_ids) if t == tok.im_end_id)
+        start = max(i for i, t in enumerate(prompt_ids[:end]) if t == tok.im_start_id) + 1
+        start += len(tok.encode("user\n"))
         skip = {
             model.config.image_token_id,
             model.config.object_token_id,
             tok.vision_start_id,
             tok.vision_end_id,
-            tok.im_end_id,
-            tok.im_start_id,
         }
-        queries = [i for i in range(start + 3, len(prompt_ids) - 3) if prompt_ids[i] not in skip]
+        words = [i for i in range(start, end) if prompt_ids[i] not in skip]
+        queries = [i for i in words if tok.decode(prompt_ids[i : i + 1]).strip()]
+        if not queries:
+            raise ValueError("--attn text needs words in the question")
     _, _, attn = model(
         torch.tensor([ids]), images=last["images"], objects=last["objects"], return_last_attn=True
     )
@@ -260,7 +279,8 @@ def chat_turns(messages) -> tuple[str | None, list[dict], Image.Image | None]:
             elif kind == "image_url" and role == "user":
                 if image is not None:
                     raise RequestError(400, "this model takes one image per conversation")
-                image = decode_data_url((part.get("image_url") or {}).get("url"))
+                url = part.get("image_url")  # {"url": ...} as OpenAI documents it; a bare string tolerated
+                image = decode_data_url(url.get("url") if isinstance(url, dict) else url)
                 text += "<image>\n"
             else:
                 raise RequestError(400, f"messages[{n}] has an unsupported part {kind!r}")
@@ -283,14 +303,24 @@ class ChatServer:
         if not isinstance(request, dict):
             raise RequestError(400, "the body must be a JSON object")
         system, turns, image = chat_turns(request.get("messages"))
-        try:
-            max_tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or 64)
-            temperature, top_p = float(request.get("temperature", 0.0)), float(request.get("top_p", 1.0))
-            objects = [[float(v) for v in b] for b in request.get("objects", [])]  # our extension: boxes
-        except (TypeError, ValueError):
-            raise RequestError(400, "max_tokens, temperature, top_p and objects must be numbers") from None
-        if not 1 <= max_tokens <= 1024 or temperature < 0 or not 0 < top_p <= 1:
-            raise RequestError(400, "need 1 <= max_tokens <= 1024, temperature >= 0 and 0 < top_p <= 1")
+
+        def option(key, default):  # absent or null: the default (OpenAI clients send null for unset options)
+            value = request.get(key)
+            return default if value is None else value
+
+        max_tokens = option("max_tokens", option("max_completion_tokens", 64))
+        temperature, top_p = option("temperature", 0.0), option("top_p", 1.0)
+        objects = option("objects", [])  # our extension: boxes of the object images, one per <object>
+        if not (is_number(max_tokens) and isinstance(max_tokens, int) and 1 <= max_tokens <= 1024):
+            raise RequestError(400, f"max_tokens must be an integer from 1 to 1024, got {max_tokens!r}")
+        if not (is_number(temperature) and 0 <= temperature < math.inf):
+            raise RequestError(400, f"temperature must be a number >= 0, got {temperature!r}")
+        if not (is_number(top_p) and 0 < top_p <= 1):
+            raise RequestError(400, f"top_p must be a number with 0 < top_p <= 1, got {top_p!r}")
+        if not isinstance(objects, list) or not all(is_object_box(b) for b in objects):
+            raise RequestError(
+                400, "'objects' must be a list of [x1,y1,x2,y2] with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1"
+            )
         if objects and image is None:
             raise RequestError(400, "'objects' are boxes on the image: send an image too")
         with self.lock:
@@ -350,6 +380,11 @@ def make_handler(server: ChatServer):
                 return self.error(404, f"no route {self.path}; use POST /v1/chat/completions")
             try:
                 length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                return self.error(400, "Content-Length must be a number")
+            if length < 0:  # rfile.read(-1) would wait for the client to close the connection
+                return self.error(400, "Content-Length must not be negative")
+            try:
                 if length > 32 * 2**20:
                     return self.error(413, "request larger than 32 MiB")
                 request = json.loads(self.rfile.read(length) or b"null")
@@ -404,6 +439,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if not args.serve and not args.image:
+        p.error("give an IMAGE (and a PROMPT), or --serve")
+    # the user's input first: a typo fails at once, not after loading a large model
+    image = None if args.serve else open_image(args.image)
+    objects = [parse_object_box(b) for b in args.object]
     model, tok = load(args.ckpt, args.device)
     if args.serve:
         httpd = serve(model, tok, os.path.basename(os.path.normpath(args.ckpt)), args.host, args.port)
@@ -412,10 +452,6 @@ def main(argv: list[str] | None = None) -> None:
         except KeyboardInterrupt:
             httpd.server_close()
         return
-    if not args.image:
-        p.error("give an IMAGE (and a PROMPT), or --serve")
-    image = open_image(args.image)
-    objects = [parse_object_box(b) for b in args.object]
     session = Session(model, tok, image, objects)
     stem = os.path.splitext(args.image)[0]
 

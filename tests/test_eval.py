@@ -1,8 +1,17 @@
 """Scorers of eval.py on hand-computed cases: coordinate frames, clipping, degenerate and missing boxes, POPE."""
 
-import pytest
+import json
+import os
+import pickle
+import shutil
 
+import pytest
+import torch
+
+import data
 import eval as ev
+import train
+from model import TinyGroundingGPT
 
 
 def test_rec_answer_is_mapped_from_the_padded_square_to_original_pixels():
@@ -68,3 +77,172 @@ def test_pope_metrics_hand_computed():
     assert m["yes_ratio"] == pytest.approx(3 / 5)
     zero = ev.pope_metrics(["no", "no"], ["no", "no"])
     assert zero["precision"] == 0.0 and zero["f1"] == 0.0 and zero["accuracy"] == 1.0
+
+
+# ----------------------------------------------------------------------------- eval.main on a tiny checkpoint
+
+REC_FIELDS = {"split", "id", "expression", "answer", "pred_box", "gt_box", "iou", "correct"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two OpenMP threads stall each other under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random tiny shapes model. Weights drawn wider than the default init (std 0.02 answers every prompt
+    with the same newlines), so that answers differ per image and prompt and batching could change them."""
+    out = str(tmp_path_factory.mktemp("ckpt"))
+    torch.manual_seed(0)
+    cfg = train.parse_args(["--preset=shapes", "--train_towers=false"])
+    model = TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(data.SHAPES_TOKENIZER), cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(out, data.SHAPES_TOKENIZER)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    data.write_shapes_splits(str(out), n=8)
+    return out
+
+
+def run_eval(ckpt, *args):
+    return ev.main(["--ckpt", str(ckpt), "--workers", "0", *map(str, args)])
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_rec_on_the_shapes_splits_reports_every_split_and_writes_documented_rows(ckpt, shapes, tmp_path, capsys):
+    out = tmp_path / "rec.jsonl"
+    results = run_eval(ckpt, "--task", "rec", "--data", shapes, "--out", out, "--batch-size", 8)
+    assert set(results) == {"val", "testA", "testB"}
+    for r in results.values():
+        assert r["n"] == 8 and 0.0 <= r["acc"] <= 1.0 and 0 <= r["no_box"] <= 8 and r["per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "Acc@0.5" in printed and "testA" in printed and f"wrote 24 predictions to {out}" in printed
+    rows = read_jsonl(out)
+    assert len(rows) == 24 and all(set(row) == REC_FIELDS for row in rows)
+    gt = {(r["expression"], tuple(r["bbox"])) for split in ("val", "testA", "testB")
+          for r in read_jsonl(shapes / f"rec_{split}.jsonl")}
+    for row in rows:
+        assert (row["expression"], tuple(row["gt_box"])) in gt
+        assert row["id"].startswith(str(shapes / f"rec_{row['split']}.jsonl"))  # file:line of the record
+        pred, overlap = ev.score_rec_answer(row["answer"], row["gt_box"], 1000, 1000)  # parseable or not
+        assert (row["pred_box"] is None) == (pred is None)
+        assert row["correct"] == (row["iou"] >= 0.5)
+        if row["pred_box"] is None:
+            assert row["iou"] == 0.0 and not row["correct"]
+    # the table's numbers are the rows' numbers
+    for name, r in results.items():
+        mine = [row for row in rows if row["split"] == name]
+        assert r["acc"] == pytest.approx(sum(row["correct"] for row in mine) / 8)
+        assert r["no_box"] == sum(row["pred_box"] is None for row in mine)
+
+
+def test_pope_reports_metrics_per_setting_and_writes_rows(ckpt, shapes, tmp_path):
+    out = tmp_path / "pope.jsonl"
+    results = run_eval(ckpt, "--task", "pope", "--data", shapes, "--out", out, "--batch-size", 8)
+    assert set(results) == {"random", "popular", "adversarial"}
+    rows = read_jsonl(out)
+    assert len(rows) == 24
+    for name, r in results.items():
+        mine = [row for row in rows if row["split"] == name]
+        assert r["n"] == len(mine) == 8
+        expected = ev.pope_metrics([row["prediction"] for row in mine], [row["label"] for row in mine])
+        assert r["accuracy"] == pytest.approx(expected["accuracy"]) and r["f1"] == pytest.approx(expected["f1"])
+        assert all(row["prediction"] == ev.pope_answer(row["answer"]) for row in mine)
+
+
+def test_batched_answers_equal_one_at_a_time(ckpt, shapes, tmp_path):
+    """The fast path (batches of 8, left-padded prompts of different lengths) against its slow twin."""
+    for task in ("rec", "pope"):
+        batched, single = tmp_path / f"{task}8.jsonl", tmp_path / f"{task}1.jsonl"
+        run_eval(ckpt, "--task", task, "--data", shapes, "--out", batched, "--batch-size", 8)
+        run_eval(ckpt, "--task", task, "--data", shapes, "--out", single, "--batch-size", 1)
+        answers = [row["answer"] for row in read_jsonl(batched)]
+        assert answers == [row["answer"] for row in read_jsonl(single)]
+        if task == "rec":
+            assert len(set(answers)) > 12  # the answers depend on the input: the comparison can fail
+
+
+def test_limit_and_a_single_jsonl_file_in_a_loader_worker(ckpt, shapes, tmp_path):
+    out, alone = tmp_path / "val.jsonl", tmp_path / "alone.jsonl"
+    args = ["--task", "rec", "--data", shapes / "rec_val.jsonl", "--limit", 3, "--batch-size", 2]
+    results = run_eval(ckpt, *args, "--out", out, "--workers", 1)  # images read in a worker process
+    assert list(results) == ["val"] and results["val"]["n"] == 3
+    rows = read_jsonl(out)
+    first = read_jsonl(shapes / "rec_val.jsonl")[:3]
+    assert [r["expression"] for r in rows] == [r["expression"] for r in first]
+    run_eval(ckpt, *args, "--out", alone)
+    assert read_jsonl(alone) == rows
+
+
+def test_bad_data_paths_exit_with_a_clear_message(ckpt, shapes, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --data .*nowhere does not exist"):
+        run_eval(ckpt, "--task", "rec", "--data", tmp_path / "nowhere")
+    only_pope = tmp_path / "only_pope"
+    only_pope.mkdir()
+    shutil.copy(shapes / "pope_random.jsonl", only_pope)
+    with pytest.raises(SystemExit, match=r"^error: .*holds no rec_\*\.jsonl file .*shapes-splits"):
+        run_eval(ckpt, "--task", "rec", "--data", only_pope)
+    # the pope file's images are not next to it: named before any model work
+    with pytest.raises(SystemExit, match=r"^error: question 1: image .*pope_00000.png does not exist"):
+        run_eval(ckpt, "--task", "pope", "--data", only_pope)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "rec_val.jsonl").write_text('{"img_path": "a.png", "expression": "x"}\n')
+    with pytest.raises(SystemExit, match=r"^error: .*rec_val.jsonl:1: bad sample: missing keys"):
+        run_eval(ckpt, "--task", "rec", "--data", bad)
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(os.path.join(ckpt, name), no_weights)
+    with pytest.raises(SystemExit, match=r"^error: .*no_weights has no model.safetensors. Point --ckpt"):
+        run_eval(no_weights, "--task", "rec", "--data", shapes)
+
+
+def write_refcoco(root, shapes):
+    """A tiny RefCOCO in its published format: COCO instances.json (xywh boxes) + a pickled refs list."""
+    rec = read_jsonl(shapes / "rec_val.jsonl")[:3]
+    images, annotations, refs = [], [], []
+    for i, r in enumerate(rec):
+        x1, y1, x2, y2 = r["bbox"]
+        images.append({"id": 100 + i, "file_name": os.path.basename(r["img_path"]), "width": r["width"],
+                       "height": r["height"]})
+        annotations.append({"id": 200 + i, "image_id": 100 + i, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+        refs.append({"ref_id": i, "ann_id": 200 + i, "image_id": 100 + i, "split": "val" if i < 2 else "testA",
+                     "sentences": [{"sent": r["expression"]}, {"sent": "the one " + r["expression"]}]})
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    with open(root / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    return rec
+
+
+def test_refcoco_original_format(ckpt, shapes, tmp_path):
+    rec = write_refcoco(tmp_path, shapes)
+    args = ["--task", "rec", "--data", tmp_path / "instances.json", "--refs", tmp_path / "refs(unc).p",
+            "--image-dir", shapes / "images"]
+    out = tmp_path / "refcoco.jsonl"
+    results = run_eval(ckpt, *args, "--split", "val", "--out", out, "--batch-size", 4)
+    assert list(results) == ["val"] and results["val"]["n"] == 4  # 2 refs x 2 sentences, testA left out
+    rows = read_jsonl(out)
+    assert [r["gt_box"] for r in rows] == [rec[0]["bbox"]] * 2 + [rec[1]["bbox"]] * 2  # xywh -> xyxy
+    assert rows[1]["expression"] == "the one " + rec[0]["expression"]
+    assert all(set(r) == REC_FIELDS for r in rows) and "ref 0" in rows[0]["id"]
+    with pytest.raises(SystemExit, match=r"^error: cannot read RefCOCO .*no refs in split 'testB'"):
+        run_eval(ckpt, *args, "--split", "testB")
+    with pytest.raises(SystemExit, match=r"^error: .*image .*val_00000.png does not exist; check --image-dir"):
+        run_eval(ckpt, *args[:-2], "--split", "val")

@@ -1,0 +1,402 @@
+"""sample.py: the CLI on a real photo, boxes and attention maps drawn right, clear errors, and the
+OpenAI-compatible server answering good requests and refusing bad ones (4xx JSON, never a crash)."""
+
+import base64
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+import data
+import sample
+import train
+from model import TinyGroundingGPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHOTO = os.path.join(ROOT, "assets", "photos", "coffee.jpg")  # 512 x 341: padded on top and bottom
+BOX_ANSWER = "The cup [0.100,0.200,0.500,0.600] and the table [0.000,0.000,1.000,1.000]."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two OpenMP threads stall each other under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random tiny shapes model (wider init than std 0.02, so that answers depend on the input)."""
+    out = str(tmp_path_factory.mktemp("ckpt"))
+    torch.manual_seed(0)
+    cfg = train.parse_args(["--preset=shapes", "--train_towers=false"])
+    model = TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(data.SHAPES_TOKENIZER), cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(out, data.SHAPES_TOKENIZER)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    return sample.load(ckpt)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A copy of the photo: sample.py writes its pictures next to the image."""
+    return str(shutil.copy(PHOTO, tmp_path / "coffee.jpg"))
+
+
+def scripted(model, tok, answer):
+    """model.generate answering `answer` to anything (a random model rarely writes a box)."""
+
+    def generate(prompts, **kwargs):
+        return [tok.encode(answer)[: kwargs.get("max_new_tokens", 64)] for _ in prompts]
+
+    return generate
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_cli_answers_about_a_real_photo_and_saves_the_attention_map(ckpt, loaded, photo, capsys):
+    sample.main([photo, "What is on the table?", "--ckpt", ckpt, "--max-new-tokens", "12", "--attn", "text"])
+    out = capsys.readouterr().out
+    model, tok = loaded
+    expected = sample.Session(model, tok, sample.open_image(photo)).ask("What is on the table?", 0.0, 12)
+    assert expected.strip() and out.startswith(expected + "\n")  # greedy: the same answer, printed first
+    attn_path = photo[: -len(".jpg")] + ".attn.png"
+    assert f"attention map (text -> image) on {attn_path}" in out
+    with Image.open(attn_path) as heat:
+        assert heat.size == (512, 341)
+
+
+def test_cli_draws_and_prints_the_boxes_of_the_answer(ckpt, loaded, photo, tmp_path, capsys, monkeypatch):
+    model, tok = loaded
+    monkeypatch.setattr(model, "generate", scripted(model, tok, BOX_ANSWER))
+    monkeypatch.setattr(sample, "load", lambda ckpt, device="cpu": (model, tok))
+    out_path = str(tmp_path / "drawn.png")
+    sample.main([photo, "Where is the cup?", "--ckpt", ckpt, "--out", out_path, "--attn", "coords"])
+    out = capsys.readouterr().out.splitlines()
+    # 512x341 padded to 512x512 at top 85: y = 0.2*512-85 = 17.4, 0.6*512-85 = 222.2; the table is clipped
+    assert out[:4] == [
+        BOX_ANSWER,
+        "  box 1: [51.2, 17.4, 256, 222.2] pixels",
+        "  box 2: [0, 0, 512, 341] pixels",
+        f"  drawn on {out_path}",
+    ]
+    with Image.open(out_path) as drawn:
+        assert drawn.size == (512, 341)
+
+
+def test_interactive_chat_answers_until_an_empty_line(ckpt, photo, monkeypatch, capsys):
+    questions = iter(["What is it?", "And the colour?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(questions))
+    sample.main([photo, "--ckpt", ckpt, "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert out.startswith("Chat about the image") and next(questions, None) is None
+
+
+@pytest.mark.parametrize(
+    "size, box, pixels",
+    [
+        ((512, 341), [0.1, 0.2, 0.5, 0.6], [51.2, 17.4, 256.0, 222.2]),  # landscape: padding top/bottom
+        ((120, 300), [0.35, 0.1, 0.6, 0.5], [15.0, 30.0, 90.0, 150.0]),  # portrait: padding left/right (90)
+    ],
+)
+def test_draw_boxes_maps_the_padded_square_to_pixels(size, box, pixels):
+    image = Image.new("RGB", size, (255, 255, 255))
+    drawn, px = sample.draw_boxes(image, [box])
+    assert px == [pytest.approx(pixels)] and drawn.size == size
+    assert image.getpixel((int(pixels[0]) + 1, int(pixels[1] + pixels[3]) // 2)) == (255, 255, 255)  # a copy
+    edge = drawn.getpixel((int(pixels[0]) + 1, int(pixels[1] + pixels[3]) // 2))  # on the left edge
+    assert edge == Image.new("RGB", (1, 1), sample.BOX_COLORS[0]).getpixel((0, 0))
+
+
+def test_show_answer_without_boxes_saves_nothing(tmp_path, capsys):
+    image = Image.new("RGB", (64, 48))
+    sample.show_answer(image, "A red circle.", str(tmp_path / "x.png"))
+    assert capsys.readouterr().out == "A red circle.\n" and not (tmp_path / "x.png").exists()
+
+
+# ----------------------------------------------------------------------------- attention maps
+
+
+def reference_map(model, session, queries):
+    """The same map computed the long way: last-layer attention from `queries` to the image patches."""
+    ids = session.last["prompt_ids"] + session.last["answer_ids"]
+    with torch.no_grad():
+        _, _, attn = model(torch.tensor([ids]), images=session.last["images"], objects=session.last["objects"],
+                           return_last_attn=True)
+    patches = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
+    weights = attn[0][:, queries][:, :, patches].sum(dim=(0, 1))
+    return (weights / weights.max()).reshape(8, 8)
+
+
+def test_attention_map_from_each_source(loaded, monkeypatch):
+    model, tok = loaded
+    box = "[0.100,0.200,0.500,0.600]"
+    monkeypatch.setattr(model, "generate", scripted(model, tok, box))
+    image = sample.open_image(PHOTO)
+    session = sample.Session(model, tok, image, [[0.1, 0.2, 0.5, 0.6]])
+    question = "Where is the cup?"
+    assert session.ask(question + " <object>") == box
+    prompt = session.last["prompt_ids"]
+    n_prompt, n_answer = len(prompt), len(session.last["answer_ids"])
+    words = tok.encode(question)  # "\n" before it and " " before <object> are not words
+    start = next(i for i in range(n_prompt) if prompt[i : i + len(words)] == words)
+    expected = {
+        "coords": list(range(n_prompt, n_prompt + n_answer)),  # the whole answer is the box
+        "text": list(range(start, start + len(words))),
+        "object": [i for i, t in enumerate(prompt) if t == model.config.object_token_id],
+    }
+    assert len(expected["object"]) == model.config.object_tokens
+    maps = {}
+    for source, queries in expected.items():
+        heat = sample.attention_map(session, source)
+        assert heat.shape == (8, 8)  # 112 px / 14 px patches
+        assert heat.min() >= 0 and heat.max() == pytest.approx(1.0)
+        torch.testing.assert_close(heat, reference_map(model, session, queries))
+        maps[source] = heat
+        painted = sample.draw_heat_map(image, heat)
+        assert painted.size == image.size and painted.mode == "RGB"
+    assert not torch.allclose(maps["coords"], maps["text"])
+
+
+def test_attention_map_errors_say_what_is_missing(loaded, monkeypatch):
+    model, tok = loaded
+    monkeypatch.setattr(model, "generate", scripted(model, tok, "no box here"))
+    session = sample.Session(model, tok, sample.open_image(PHOTO))
+    session.ask("What is it?")
+    with pytest.raises(ValueError, match="needs a box in the answer"):
+        sample.attention_map(session, "coords")
+    with pytest.raises(ValueError, match="needs an <object>"):
+        sample.attention_map(session, "object")
+    text_only = sample.Session(model, tok, None)
+    text_only.ask("Hello")
+    with pytest.raises(ValueError, match="needs an image"):
+        sample.attention_map(text_only, "text")
+
+
+def test_heat_map_zero_keeps_the_image_and_one_turns_it_red():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 200, (60, 100, 3), dtype=np.uint8))  # 100 x 60
+    same = sample.draw_heat_map(image, torch.zeros(8, 8))
+    assert np.array_equal(np.asarray(same), np.asarray(image))
+    red = np.asarray(sample.draw_heat_map(image, torch.ones(8, 8))).astype(int)
+    assert red.shape == (60, 100, 3)
+    assert (red[..., 0] > np.asarray(image)[..., 0]).mean() > 0.95  # 70 % towards (255, 40, 0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_one_error_line(ckpt, photo, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(SystemExit, match=r"^error: cannot read .*notes.txt' as an image .*give a JPEG or PNG"):
+        sample.main([str(text), "hi", "--ckpt", ckpt])
+    with pytest.raises(SystemExit, match=r"^error: cannot read .*missing.jpg' as an image"):
+        sample.main([str(tmp_path / "missing.jpg"), "hi", "--ckpt", ckpt])
+    with pytest.raises(SystemExit, match=r"^error: cannot read .* as an image"):
+        sample.main([str(tmp_path), "hi", "--ckpt", ckpt])  # a folder
+    for bad in ("1.5,0,0.5,0.5", "0.5,0.1,0.2,0.9", "0.1,0.5,0.4,0.5", "-0.1,0,0.5,0.5", "0.1,0.2,0.3", "a,b,c,d"):
+        with pytest.raises(SystemExit, match=r"^error: --object .* must be x1,y1,x2,y2 with 0 <= x1 < x2 <= 1"):
+            sample.main([photo, "What is <object>?", f"--object={bad}", "--ckpt", ckpt])
+    with pytest.raises(SystemExit, match=r"^error: the conversation has 2 <object> markers but 1 --object boxes"):
+        sample.main([photo, "Is <object> left of <object>?", "--object", "0.1,0.1,0.4,0.4", "--ckpt", ckpt])
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_a_checkpoint_missing_a_file_is_named(ckpt, photo, tmp_path, missing):
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    os.remove(broken / missing)
+    with pytest.raises(SystemExit, match=rf"^error: .*broken has no {missing}. Point --ckpt at a directory"):
+        sample.main([photo, "hi", "--ckpt", str(broken)])
+
+
+def test_the_script_exits_non_zero_with_one_line(ckpt, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), str(text), "hi", "--ckpt", ckpt],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: cannot read") and result.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    model, tok = loaded
+    httpd = sample.serve(model, tok, "tiny", "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+def chat(url, body, **kwargs):
+    return requests.post(url + "/v1/chat/completions", json=body, timeout=60, **kwargs)
+
+
+def png_data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_server_text_only_completion(server, loaded):
+    model, tok = loaded
+    r = chat(server, {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "Hello, who are you?"}],
+                      "max_tokens": 6})
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
+    body = r.json()
+    expected = sample.Session(model, tok, None, system="Be brief.").ask("Hello, who are you?", 0.0, 6)
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": expected}
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert choice["finish_reason"] == ("length" if usage["completion_tokens"] == 6 else "stop")
+
+
+def test_server_image_and_text_completion(server, loaded):
+    model, tok = loaded
+    image = Image.open(PHOTO).convert("RGB").resize((96, 64))
+    content = [{"type": "image_url", "image_url": {"url": png_data_url(image)}},
+               {"type": "text", "text": "What is in the image?"}]
+    r = chat(server, {"messages": [{"role": "user", "content": content}], "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    expected = sample.Session(model, tok, image).ask("<image>\nWhat is in the image?", 0.0, 8)
+    assert r.json()["choices"][0]["message"]["content"] == expected  # the image reached the model
+    assert r.json()["usage"]["prompt_tokens"] > model.num_image_tokens
+    # multi-turn, with an object image (our "objects" extension)
+    turns = [{"role": "user", "content": content}, {"role": "assistant", "content": "A cup."},
+             {"role": "user", "content": "And <object>?"}]
+    r = chat(server, {"messages": turns, "objects": [[0.1, 0.2, 0.5, 0.6]], "max_tokens": 4})
+    assert r.status_code == 200, r.text
+
+
+def test_server_lists_its_model(server):
+    r = requests.get(server + "/v1/models", timeout=10)
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+    assert requests.get(server + "/health", timeout=10).json() == {"status": "ok"}
+
+
+def raw_request(url, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_server_refuses_bad_requests_with_4xx_json_and_keeps_serving(server):
+    image = png_data_url(Image.new("RGB", (32, 32), (200, 0, 0)))
+    user = {"role": "user", "content": "hi"}
+
+    def with_image(*parts, text="What is it?"):
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+    def image_part(url):
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    bad = {
+        "not a JSON object": [1, 2],
+        "no messages": {"model": "tiny"},
+        "messages not a list": {"messages": "hi"},
+        "empty messages": {"messages": []},
+        "message not an object": {"messages": ["hi"]},
+        "unknown role": {"messages": [{"role": "robot", "content": "hi"}]},
+        "content neither text nor parts": {"messages": [{"role": "user", "content": 3}]},
+        "unknown part": {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]},
+        "last message not the user's": {"messages": [user, {"role": "assistant", "content": "hello"}]},
+        "only a system message": {"messages": [{"role": "system", "content": "Be brief."}]},
+        "a URL, not a data URL": {"messages": with_image(image_part("http://example.com/a.png"))},
+        "bad base64": {"messages": with_image(image_part("data:image/png;base64,@@@"))},
+        "base64 of no image": {"messages": with_image(image_part("data:image/png;base64,aGVsbG8="))},
+        "no url": {"messages": with_image({"type": "image_url"})},
+        "two images": {"messages": with_image(image_part(image), image_part(image))},
+        "image in an assistant turn": {"messages": [{"role": "assistant", "content": [image_part(image)]}, user]},
+        "<image> without an image": {"messages": [{"role": "user", "content": "<image>\nWhat is it?"}]},
+        "more <object> than objects": {"messages": with_image(image_part(image), text="Is <object> red?")},
+        "objects without an image": {"messages": [user], "objects": [[0.1, 0.1, 0.5, 0.5]]},
+        "object box out of range": {"messages": with_image(image_part(image)), "objects": [[0.1, 0.1, 1.5, 0.5]]},
+        "object box reversed": {"messages": with_image(image_part(image)), "objects": [[0.5, 0.1, 0.1, 0.5]]},
+        "object box of 3 numbers": {"messages": with_image(image_part(image)), "objects": [[0.1, 0.1, 0.5]]},
+        "objects not a list": {"messages": with_image(image_part(image)), "objects": "0.1,0.1,0.5,0.5"},
+        "max_tokens 0": {"messages": [user], "max_tokens": 0},
+        "max_tokens too large": {"messages": [user], "max_tokens": 5000},
+        "max_tokens negative": {"messages": [user], "max_completion_tokens": -3},
+        "max_tokens not a number": {"messages": [user], "max_tokens": "ten"},
+        "max_tokens not an integer": {"messages": [user], "max_tokens": 2.5},
+        "negative temperature": {"messages": [user], "temperature": -1},
+        "temperature not a number": {"messages": [user], "temperature": "hot"},
+        "top_p 0": {"messages": [user], "top_p": 0},
+        "top_p above 1": {"messages": [user], "top_p": 1.5},
+    }
+    for why, body in bad.items():
+        r = chat(server, body)
+        assert r.status_code == 400, (why, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["code"] == 400 and isinstance(error["message"], str) and error["message"], why
+    for why, payload in {"not JSON": b"{'messages': nope", "empty body": b"", "JSON null": b"null"}.items():
+        r = requests.post(server + "/v1/chat/completions", data=payload, timeout=30,
+                          headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == 400, why
+    r = requests.post(server + "/v1/chat/completions", data="nope", timeout=30)
+    assert "not JSON" in r.json()["error"]["message"]
+    for method, route in [("get", "/v1/nope"), ("post", "/v1/completions"), ("get", "/v1/chat/completions")]:
+        r = getattr(requests, method)(server + route, json={"messages": [user]}, timeout=30)
+        assert r.status_code == 404 and "use POST /v1/chat/completions" in r.json()["error"]["message"]
+    for length in (b"abc", b"-1"):  # a negative length must not leave the server waiting for the body
+        reply = raw_request(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + length
+                            + b"\r\n\r\n{}")
+        assert reply.startswith(b"HTTP/1.0 400") and b"Content-Length must" in reply, reply[:200]
+    r = chat(server, {"messages": [user], "max_tokens": 3, "temperature": None, "top_p": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3  # still serving; null = default
+
+
+def test_serve_command_line_answers_and_stops_on_ctrl_c(ckpt):
+    """`python sample.py --serve --port 0` prints where it listens, answers, and exits cleanly on SIGINT."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--serve", "--port", "0", "--ckpt", ckpt,
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"serving (\S+) on (http://127\.0\.0\.1:\d+)/v1/chat/completions\n", line)
+        assert match and match[1] == os.path.basename(ckpt), line
+        assert requests.get(match[2] + "/v1/models", timeout=30).json()["data"][0]["id"] == match[1]
+        r = chat(match[2], {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
