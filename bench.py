@@ -312,6 +312,106 @@ def bench_decode(argv: list[str]):
 BENCHMARKS["decode"] = bench_decode
 
 
+
+# ----------------------------------------------------------------------------- training step
+
+
+def bench_train(argv: list[str]):
+    """Training speed: forward+backward of the whole TinyGroundingGPT (frozen towers on one image per sample,
+    projector, LLM), random weights, sharded with FSDP2 exactly as train.py does (world size 1, bf16 compute,
+    fp32 master weights and reduction), next to transformers' Qwen2ForCausalLM forward+backward of the same LM
+    shape on the same token count (bf16 weights, SDPA). Reports tokens/s, MFU (6N + 12LHQT per token, N = LLM
+    parameters) and peak memory. Sizes: 3b (Qwen2.5-3B + CLIP-L/14-336 + DINOv2-L/14; the CUDA default), tiny
+    (the CPU default). Options: --size --batch=4 --seq=2048 --iters=5 --ac=1 (activation checkpointing, both)
+    (CPU: batch 4, seq 256, ac 0)."""
+    import os
+    import time
+
+    import torch.distributed as dist
+    import transformers
+
+    import train
+    from encoders import CLIP_L14_336, DINOV2_L14, VisionConfig
+    from model import Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
+
+    cuda = torch.cuda.is_available()
+    opts = dict(size="3b" if cuda else "tiny", batch=4, seq=2048 if cuda else 256, iters=5, ac=int(cuda))
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in opts:
+            sys.exit(f"bench train: unknown option {arg!r}; options: {opts}")
+        opts[key] = type(opts[key])(value)
+    device = torch.device("cuda" if cuda else "cpu")
+    if opts["size"] == "3b":
+        llm, towers = Qwen2Config(), [VisionConfig(**CLIP_L14_336), VisionConfig(**DINOV2_L14)]
+    else:
+        llm = Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2)
+        tower = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_size=256, patch_size=14, image_size=112)
+        towers = [VisionConfig(kind="clip", **tower), VisionConfig(kind="dinov2", **tower)]
+    config = TinyGroundingGPTConfig(vision=towers, llm=llm, image_token_id=llm.vocab_size - 1,
+                                    object_token_id=llm.vocab_size - 2, pad_token_id=0, stop_token_ids=[1],
+                                    sampleable_size=llm.vocab_size - 2)
+    if not dist.is_initialized():  # FSDP2 needs a process group, also for one process
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = TinyGroundingGPT(config)
+    train.set_trainable(model, "llm+projector", False)
+    model.llm.activation_checkpointing = bool(opts["ac"])
+    train.shard(model, train.TrainConfig(dtype="bfloat16"))
+    B, T, P = opts["batch"], opts["seq"], model.num_image_tokens
+    ids = torch.randint(2, llm.vocab_size - 2, (B, T), device=device)
+    ids[:, 1:P + 1] = config.image_token_id  # one image per sample, its P placeholder tokens after the first
+    labels = ids.masked_fill(ids == config.image_token_id, -100)
+    side = towers[0].image_size
+    images = torch.randn(B, len(towers), 3, side, side, device=device)
+
+    def ours_step():
+        _, loss = model(ids, labels=labels, images=images)
+        loss.backward()
+
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+        num_hidden_layers=llm.num_hidden_layers, num_attention_heads=llm.num_attention_heads,
+        num_key_value_heads=llm.num_key_value_heads, tie_word_embeddings=llm.tie_word_embeddings,
+        attn_implementation="sdpa")).to(device, torch.bfloat16 if cuda else torch.float32)
+    if opts["ac"]:
+        hf.gradient_checkpointing_enable()
+    hf.train()
+
+    def hf_step():
+        hf(input_ids=ids, labels=ids).loss.backward()
+
+    params = sum(p.numel() for p in model.llm.parameters())
+    flops = 6 * params + 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim * T
+    peak = train.peak_flops(device)
+    print(f"# {opts['size']}: LLM {params / 1e6:,.1f}M params, towers {len(towers)} x {side}px, batch {B} x {T} "
+          f"tokens ({P} image tokens each), activation checkpointing {bool(opts['ac'])}")
+    print(f"{'implementation':<34} {'s/step':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
+    for name, step in [("ours (FSDP2 bf16, towers + LLM)", ours_step), ("transformers Qwen2 LM", hf_step)]:
+        step()  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(opts["iters"]):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - start) / opts["iters"]
+        mfu = f"{100 * flops * B * T / dt / peak:5.1f}%" if peak else "    -"
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:7.1f}GB" if cuda else "       -"
+        print(f"{name:<34} {dt:>8.3f} {B * T / dt:>10,.0f} {mfu:>6} {mem:>9}")
+        model.zero_grad(set_to_none=True)
+        hf.zero_grad(set_to_none=True)
+    dist.destroy_process_group()
+
+
+BENCHMARKS["train"] = bench_train
+
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
         sys.exit(f"usage: python bench.py {{{','.join(sorted(BENCHMARKS))}}} [--key=value ...]")

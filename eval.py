@@ -50,9 +50,7 @@ def pope_metrics(predictions: list[str], labels: list[str]) -> dict:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return dict(
-        accuracy=(tp + tn) / n, precision=precision, recall=recall, f1=f1, yes_ratio=(tp + fp) / n, n=n
-    )
+    return dict(accuracy=(tp + tn) / n, precision=precision, recall=recall, f1=f1, yes_ratio=(tp + fp) / n, n=n)
 
 
 # ----------------------------------------------------------------------------- batched answering
@@ -153,9 +151,7 @@ def read_pope(path: str, image_dir: str) -> list[dict]:
                 continue
             try:
                 r = json.loads(line)
-                records.append(
-                    {**r, "image": os.path.join(image_dir, r["image"]), "label": r["label"].lower()}
-                )
+                records.append({**r, "image": os.path.join(image_dir, r["image"]), "label": r["label"].lower()})
             except (json.JSONDecodeError, KeyError, AttributeError) as e:
                 raise SystemExit(
                     f"error: {path}:{n}: not a POPE record ({e}); expected JSON with "
@@ -181,9 +177,7 @@ def splits_of(args) -> dict[str, list[dict]]:
             ) from None
         return checked({args.split: records})
     if os.path.isdir(args.data):
-        files = sorted(
-            f for f in os.listdir(args.data) if f.startswith(prefix) and f.endswith((".jsonl", ".json"))
-        )
+        files = sorted(f for f in os.listdir(args.data) if f.startswith(prefix) and f.endswith((".jsonl", ".json")))
         if not files:
             raise SystemExit(
                 f"error: {args.data} holds no {prefix}*.jsonl file (python data.py shapes-splits "
@@ -197,9 +191,7 @@ def splits_of(args) -> dict[str, list[dict]]:
     read = data.read_rec_jsonl if args.task == "rec" else read_pope
     try:
         splits = {
-            os.path.splitext(os.path.basename(p))[0].removeprefix(prefix): read(
-                p, args.image_dir or os.path.dirname(p)
-            )
+            os.path.splitext(os.path.basename(p))[0].removeprefix(prefix): read(p, args.image_dir or os.path.dirname(p))
             for p in paths
         }
     except ValueError as e:  # data.SampleError names file and line
@@ -222,13 +214,9 @@ def checked(splits: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--ckpt", required=True, help="exported model directory (config.json, model.safetensors, ...)"
-    )
+    p.add_argument("--ckpt", required=True, help="exported model directory (config.json, model.safetensors, ...)")
     p.add_argument("--task", choices=["rec", "pope"], required=True)
-    p.add_argument(
-        "--data", required=True, help="a folder of splits, a jsonl file, or RefCOCO's instances.json"
-    )
+    p.add_argument("--data", required=True, help="a folder of splits, a jsonl file, or RefCOCO's instances.json")
     p.add_argument("--refs", help="RefCOCO's refs(unc).p / refs(umd).p (with --data instances.json)")
     p.add_argument("--split", default="val", help="with --refs: val, testA, testB, test")
     p.add_argument("--image-dir", help="image folder (default: the folder of the jsonl file)")
@@ -287,13 +275,10 @@ def print_table(task: str, results: dict) -> None:
         print(f"{'split':<10} {'n':>6} {'Acc@0.5':>8} {'mean IoU':>9} {'no box':>7} {'expr/s':>8}")
         for name, r in results.items():
             print(
-                f"{name:<10} {r['n']:>6} {100 * r['acc']:>7.2f}% {r['miou']:>9.3f} {r['no_box']:>7} "
-                f"{r['per_s']:>8.1f}"
+                f"{name:<10} {r['n']:>6} {100 * r['acc']:>7.2f}% {r['miou']:>9.3f} {r['no_box']:>7} {r['per_s']:>8.1f}"
             )
     else:
-        print(
-            f"{'setting':<12} {'n':>6} {'acc':>7} {'prec':>7} {'recall':>7} {'F1':>7} {'yes':>7} {'q/s':>7}"
-        )
+        print(f"{'setting':<12} {'n':>6} {'acc':>7} {'prec':>7} {'recall':>7} {'F1':>7} {'yes':>7} {'q/s':>7}")
         for name, r in results.items():
             print(
                 f"{name:<12} {r['n']:>6} {100 * r['accuracy']:>6.2f}% {100 * r['precision']:>6.2f}% "

@@ -99,14 +99,10 @@ class Session:
         self.history: list[dict] = []
         processor = model.encoder.processor
         self.pixels = processor(image)[None] if image is not None else None  # [1, T, 3, S, S]
-        self.object_pixels = (
-            torch.stack([processor(crop_object(image, b)) for b in objects]) if objects else None
-        )
+        self.object_pixels = torch.stack([processor(crop_object(image, b)) for b in objects]) if objects else None
         self.last: dict = {}  # inputs of the last answer, for attention_map
 
-    def ask(
-        self, question: str, temperature: float = 0.0, max_new_tokens: int = 64, top_p: float = 1.0
-    ) -> str:
+    def ask(self, question: str, temperature: float = 0.0, max_new_tokens: int = 64, top_p: float = 1.0) -> str:
         if self.image is not None and not self.history and "<image>" not in question:
             question = "<image>\n" + question  # the image comes first, as in every training sample
         turns = self.history + [{"from": "human", "value": question}]
@@ -114,9 +110,7 @@ class Session:
         n_objects = text.count("<object>")
         available = 0 if self.object_pixels is None else len(self.object_pixels)
         if n_objects > available:
-            raise ValueError(
-                f"the conversation has {n_objects} <object> markers but {available} --object boxes"
-            )
+            raise ValueError(f"the conversation has {n_objects} <object> markers but {available} --object boxes")
         if "<image>" in text and self.image is None:
             raise ValueError("the question has <image> but no image was given")
         ids, _ = data.encode_conversation(
@@ -126,12 +120,7 @@ class Session:
         images = self.pixels if "<image>" in text else None
         objects = self.object_pixels[:n_objects] if n_objects else None
         answer_ids = self.model.generate(
-            [ids],
-            images=images,
-            objects=objects,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
+            [ids], images=images, objects=objects, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
         )[0]
         answer = self.tok.decode(answer_ids)
         self.history = turns + [{"from": "gpt", "value": answer}]
@@ -182,9 +171,7 @@ def attention_map(session: Session, source: str) -> torch.Tensor:
         match = data.BOX_RE.search(tok.decode(answer_ids))
         if not match:
             raise ValueError("--attn coords needs a box in the answer; try --attn text")
-        queries = [
-            len(prompt_ids) + i for i, (a, b) in enumerate(spans) if a < match.end() and b > match.start()
-        ]
+        queries = [len(prompt_ids) + i for i, (a, b) in enumerate(spans) if a < match.end() and b > match.start()]
     elif source == "object":
         queries = [i for i, t in enumerate(ids) if t == model.config.object_token_id]
         if not queries:
@@ -194,19 +181,12 @@ def attention_map(session: Session, source: str) -> torch.Tensor:
         end = max(i for i, t in enumerate(prompt_ids) if t == tok.im_end_id)
         start = max(i for i, t in enumerate(prompt_ids[:end]) if t == tok.im_start_id) + 1
         start += len(tok.encode("user\n"))
-        skip = {
-            model.config.image_token_id,
-            model.config.object_token_id,
-            tok.vision_start_id,
-            tok.vision_end_id,
-        }
+        skip = {model.config.image_token_id, model.config.object_token_id, tok.vision_start_id, tok.vision_end_id}
         words = [i for i in range(start, end) if prompt_ids[i] not in skip]
         queries = [i for i in words if tok.decode(prompt_ids[i : i + 1]).strip()]
         if not queries:
             raise ValueError("--attn text needs words in the question")
-    _, _, attn = model(
-        torch.tensor([ids]), images=last["images"], objects=last["objects"], return_last_attn=True
-    )
+    _, _, attn = model(torch.tensor([ids]), images=last["images"], objects=last["objects"], return_last_attn=True)
     patches = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
     weights = attn[0].float()[:, queries][:, :, patches].sum(dim=(0, 1))  # [num_patches]
     side = math.isqrt(len(patches))
@@ -344,11 +324,7 @@ class ChatServer:
                     "finish_reason": "length" if completion >= max_tokens else "stop",
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
 
 
@@ -363,9 +339,7 @@ def make_handler(server: ChatServer):
             self.wfile.write(payload)
 
         def error(self, status: int, message: str):
-            self.reply(
-                status, {"error": {"message": message, "type": "invalid_request_error", "code": status}}
-            )
+            self.reply(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
 
         def do_GET(self):
             if self.path.rstrip("/") in ("/v1/models", "/models"):
@@ -402,9 +376,7 @@ def make_handler(server: ChatServer):
     return Handler
 
 
-def serve(
-    model: TinyGroundingGPT, tok: data.Tokenizer, name: str, host: str, port: int
-) -> ThreadingHTTPServer:
+def serve(model: TinyGroundingGPT, tok: data.Tokenizer, name: str, host: str, port: int) -> ThreadingHTTPServer:
     httpd = ThreadingHTTPServer((host, port), make_handler(ChatServer(model, tok, name)))
     print(f"serving {name} on http://{host}:{httpd.server_address[1]}/v1/chat/completions", flush=True)
     return httpd
@@ -417,9 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", nargs="?", help="an image file (JPEG, PNG, ...)")
     p.add_argument("prompt", nargs="?", help="the question; without it, an interactive chat")
-    p.add_argument(
-        "--ckpt", default=DEFAULT_CKPT, help="exported model directory (default: the shapes model)"
-    )
+    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="exported model directory (default: the shapes model)")
     p.add_argument(
         "--object",
         action="append",
@@ -431,9 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--out", help="where to save the image with boxes (default IMAGE.boxes.png)")
-    p.add_argument(
-        "--attn", choices=["coords", "text", "object"], help="save the attention map (IMAGE.attn.png)"
-    )
+    p.add_argument("--attn", choices=["coords", "text", "object"], help="save the attention map (IMAGE.attn.png)")
     p.add_argument("--serve", action="store_true", help="serve /v1/chat/completions instead")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

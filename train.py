@@ -220,9 +220,7 @@ def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGro
         return model, os.path.join(init, "tokenizer.json")
     if cfg.preset == "shapes":
         tokenizer_path = data.SHAPES_TOKENIZER
-        model = TinyGroundingGPT(shapes_model_config(data.Tokenizer.from_file(tokenizer_path), cfg)).to(
-            device
-        )
+        model = TinyGroundingGPT(shapes_model_config(data.Tokenizer.from_file(tokenizer_path), cfg)).to(device)
         return model, tokenizer_path
     for name, path, repo in [
         ("clip", cfg.clip, "openai/clip-vit-large-patch14-336"),
@@ -241,13 +239,7 @@ def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGro
 def shapes_model_config(tok: data.Tokenizer, cfg: TrainConfig) -> TinyGroundingGPTConfig:
     """The tiny model of the shapes world: two 3-layer towers at 112 px (8x8 patches), a 4-layer LM."""
     tower = dict(
-        hidden_size=64,
-        num_layers=3,
-        num_heads=4,
-        mlp_size=256,
-        patch_size=14,
-        image_size=112,
-        feature_layer=-1,
+        hidden_size=64, num_layers=3, num_heads=4, mlp_size=256, patch_size=14, image_size=112, feature_layer=-1
     )  # trained from scratch: the last block's output, no block left idle
     llm = Qwen2Config(
         vocab_size=tok.sampleable_size,
@@ -337,9 +329,7 @@ class StepBatches:
         self.micro = min(micro, batch_size // world)
         self.steps_per_epoch = len(lengths) // batch_size
         if self.steps_per_epoch == 0:
-            sys.exit(
-                f"error: the dataset has {len(lengths)} samples, fewer than one global batch ({batch_size})"
-            )
+            sys.exit(f"error: the dataset has {len(lengths)} samples, fewer than one global batch ({batch_size})")
 
     def step_indices(self, step: int) -> list[list[int]]:
         epoch, pos = divmod(step, self.steps_per_epoch)
@@ -379,8 +369,7 @@ def save_checkpoint(model, optimizer, ckpt_dir: str, step: int, rank: int) -> No
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
     torch.save(
-        {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
-        os.path.join(path, f"rng-{rank}.pt"),
+        {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}, os.path.join(path, f"rng-{rank}.pt")
     )
     barrier()
     if rank == 0:  # only now is the new checkpoint complete: switch the pointer, then drop older ones
@@ -430,18 +419,13 @@ def draw_loss_curve(losses: list[float], path: str, title: str) -> None:
     lo, hi = min(losses), max(losses)
     span = (hi - lo) or 1.0
     points = [
-        (
-            pad + (width - 2 * pad) * i / max(1, len(losses) - 1),
-            height - pad - (height - 2 * pad) * (v - lo) / span,
-        )
+        (pad + (width - 2 * pad) * i / max(1, len(losses) - 1), height - pad - (height - 2 * pad) * (v - lo) / span)
         for i, v in enumerate(losses)
     ]
     draw.rectangle([pad, pad, width - pad, height - pad], outline="gray")
     if len(points) > 1:
         draw.line(points, fill="navy", width=2)
-    draw.text(
-        (pad, 10), f"{title}: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps", fill="black"
-    )
+    draw.text((pad, 10), f"{title}: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps", fill="black")
     draw.text((5, pad - 5), f"{hi:.2f}", fill="black")
     draw.text((5, height - pad - 5), f"{lo:.2f}", fill="black")
     img.save(path)
@@ -496,11 +480,10 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     torch.manual_seed(cfg.seed)
     model, tokenizer_path = build_model(cfg, phase, device)
     tokenizer = data.Tokenizer.from_file(tokenizer_path)
-    set_trainable(
-        model,
-        phase.trains if cfg.preset == "paper" else "llm+projector",
-        cfg.train_towers and cfg.preset == "shapes",
-    )
+    # The shapes model starts from random weights, so every phase trains the LLM (and the tiny towers); the
+    # paper's projector-only pretraining presumes a pretrained LLM.
+    trains = phase.trains if cfg.preset == "paper" else "llm+projector"
+    set_trainable(model, trains, cfg.train_towers and cfg.preset == "shapes")
     dataset = build_dataset(cfg, phase, model, tokenizer)
     if cfg.activation_checkpointing:
         model.llm.activation_checkpointing = True
@@ -522,9 +505,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     steps_per_epoch = len(dataset) // phase.batch_size
     total = math.ceil(phase.epochs * steps_per_epoch)
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-    batches = StepBatches(
-        dataset.lengths, phase.batch_size, cfg.micro_batch_size, rank, world, cfg.seed, start, total
-    )
+    batches = StepBatches(dataset.lengths, phase.batch_size, cfg.micro_batch_size, rank, world, cfg.seed, start, total)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
@@ -540,13 +521,9 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             f"({world} process(es) x {accumulation} micro-batches of {batches.micro}), lr {phase.lr:g}, "
             f"trains {n_train / 1e6:.2f}M params" + (f", resuming at step {start}" if start else "")
         )
-    autocast = torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not sharded
-    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not sharded)
     metrics_path = os.path.join(cfg.out_dir, f"{phase.name}.metrics.jsonl")
-    history = (
-        [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) and start else []
-    )
+    history = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) and start else []
     history = [h for h in history if h["step"] < start]  # a crash may have logged steps after the checkpoint
     peak, fpt = peak_flops(device), None
     micro_iter = iter(loader)
@@ -573,9 +550,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             group["lr"] = lr
         loss_sum, n_tokens = 0.0, 0
         for i, batch in enumerate(micro_batches):
-            batch = {
-                k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
-            }
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             if sharded:
                 model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with autocast:
@@ -605,16 +580,13 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):
             eta = (time.time() - t_start) / (step + 1 - start) * (total - step - 1)
             mfu = f" | mfu {100 * fpt * tokens / dt / (peak * world):.1f}%" if peak else ""
-            mem = (
-                f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB"
-                if device.type == "cuda"
-                else ""
-            )
+            mem = f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device.type == "cuda" else ""
             tqdm.write(
                 f"{phase.name} {step + 1:>6}/{total} | loss {loss_value:.4f} | lr {lr:.2e} | "
                 f"gnorm {grad_norm:.2f} | {tokens / dt:,.0f} tok/s{mfu}{mem} | "
                 f"eta {eta / 60:.1f}min"
             )
+            sys.stdout.flush()  # one line per step also when stdout is a file
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
             save_checkpoint(model, optimizer, ckpt_dir, step + 1, rank)
             if rank == 0:

@@ -10,13 +10,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from encoders import VisionConfig
-from model import (
-    Qwen2,
-    Qwen2Config,
-    TinyGroundingGPT,
-    TinyGroundingGPTConfig,
-    load_qwen2,
-)
+from model import Qwen2, Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig, load_qwen2
 
 torch.set_num_threads(1)
 

@@ -118,10 +118,7 @@ def test_killed_run_resumes_to_exactly_the_same_result(init_dir, tmp_path):
 
     resumed = tmp_path / "resumed"
     proc = subprocess.Popen(
-        command([*args, f"--out_dir={resumed}"]),
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command([*args, f"--out_dir={resumed}"]), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     pointer = resumed / "stage2-ckpt" / "latest"
     deadline = time.time() + 240
