@@ -6,12 +6,9 @@ import pickle
 import shutil
 
 import pytest
-import torch
 
 import data
 import eval as ev
-import train
-from model import TinyGroundingGPT
 
 
 def test_rec_answer_is_mapped_from_the_padded_square_to_original_pixels():
@@ -82,31 +79,6 @@ def test_pope_metrics_hand_computed():
 # ----------------------------------------------------------------------------- eval.main on a tiny checkpoint
 
 REC_FIELDS = {"split", "id", "expression", "answer", "pred_box", "gt_box", "iou", "correct"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads stall each other under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A random tiny shapes model. Weights drawn wider than the default init (std 0.02 answers every prompt
-    with the same newlines), so that answers differ per image and prompt and batching could change them."""
-    out = str(tmp_path_factory.mktemp("ckpt"))
-    torch.manual_seed(0)
-    cfg = train.parse_args(["--preset=shapes", "--train_towers=false"])
-    model = TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(data.SHAPES_TOKENIZER), cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(out, data.SHAPES_TOKENIZER)
-    return out
 
 
 @pytest.fixture(scope="module")

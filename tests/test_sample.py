@@ -18,38 +18,11 @@ import requests
 import torch
 from PIL import Image
 
-import data
 import sample
-import train
-from model import TinyGroundingGPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTO = os.path.join(ROOT, "assets", "photos", "coffee.jpg")  # 512 x 341: padded on top and bottom
 BOX_ANSWER = "The cup [0.100,0.200,0.500,0.600] and the table [0.000,0.000,1.000,1.000]."
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads stall each other under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A random tiny shapes model (wider init than std 0.02, so that answers depend on the input)."""
-    out = str(tmp_path_factory.mktemp("ckpt"))
-    torch.manual_seed(0)
-    cfg = train.parse_args(["--preset=shapes", "--train_towers=false"])
-    model = TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(data.SHAPES_TOKENIZER), cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(out, data.SHAPES_TOKENIZER)
-    return out
 
 
 @pytest.fixture(scope="module")

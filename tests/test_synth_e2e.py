@@ -17,39 +17,16 @@ from collections import Counter
 
 import pytest
 import requests
-import torch
 
 import data
 import sample
 import synth
-import train
-from model import TinyGroundingGPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "assets", "shapes-model")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STEP_OF = {prompt.split("\n")[0]: step for step, prompt in synth.PROMPTS.items()}
 GROUND_RE = re.compile(re.escape(data.REC_PROMPT.format("")) + r"(.+?)<\|vision_start\|>")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads stall each other under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ckpt"))
-    torch.manual_seed(0)
-    cfg = train.parse_args(["--preset=shapes", "--train_towers=false"])
-    TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(data.SHAPES_TOKENIZER), cfg)).save_pretrained(
-        out, data.SHAPES_TOKENIZER
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 from safetensors.torch import load_file
 
 import data
 import train
-from model import TinyGroundingGPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -43,12 +43,7 @@ def run(args, nproc=1):
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory):
     """A random tiny shapes model exported as a phase would be (towers frozen, as in the paper)."""
-    out = str(tmp_path_factory.mktemp("init"))
-    cfg = train.parse_args(["--preset=shapes", "--train_towers=false"])
-    torch.manual_seed(0)
-    model = TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(data.SHAPES_TOKENIZER), cfg))
-    model.save_pretrained(out, data.SHAPES_TOKENIZER)
-    return out
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("init")))
 
 
 def losses(out_dir, phase):

@@ -1,0 +1,37 @@
+"""Fixtures shared by the test files: one torch thread, and a tiny random shapes checkpoint on disk."""
+
+import pytest
+import torch
+
+import data
+import train
+from model import TinyGroundingGPT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two OpenMP threads stall each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_checkpoint(out: str, std: float | None = None) -> str:
+    """A random tiny shapes model (towers frozen) saved as train.py exports it. `std` redraws the matrices
+    wider than the default init (std 0.02 answers every prompt alike), so that answers depend on the input."""
+    torch.manual_seed(0)
+    cfg = train.parse_args(["--preset=shapes", "--train_towers=false"])
+    model = TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(data.SHAPES_TOKENIZER), cfg))
+    if std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, std)
+    model.save_pretrained(out, data.SHAPES_TOKENIZER)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), std=0.1)
