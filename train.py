@@ -54,6 +54,7 @@ class TrainConfig:
     # optimisation; -1 / 0 means "the stage's default from Table 6"
     batch_size: int = -1  # global batch, in samples
     micro_batch_size: int = 4  # per process and forward pass; gradient accumulation makes up the rest
+    length_group: int = 16  # global batches per length-sorted megabatch (1: group only inside a batch)
     lr: float = -1.0
     epochs: float = -1.0
     max_steps: int = -1  # stop after this many optimizer steps (per phase) even if the epochs are not done
@@ -305,10 +306,11 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
 class StepBatches:
     """The micro-batches of this rank, step by step, from `start_step` on.
 
-    Step s of epoch e takes the global batch perm_e[(s mod S)*B : ...+B] of a permutation seeded by
-    (seed, e); sorted by length it is cut into world_size contiguous slices, one per rank, each cut into
-    micro-batches. The step alone fixes the data, so a resumed run sees exactly what an uninterrupted one
-    would, and any world size sees the same global batches.
+    Epoch e shuffles the samples with a permutation seeded by (seed, e) and cuts it into megabatches of
+    `group` global batches; each megabatch is sorted by length and cut into global batches, which its steps
+    visit in a seeded order (LLaVA's length grouping: little padding, still random). A global batch is cut
+    into world_size contiguous slices, one per rank, each into micro-batches. The step alone fixes the data,
+    so a resumed run sees exactly what an uninterrupted one would, and any world size sees the same batches.
     """
 
     def __init__(
@@ -321,11 +323,12 @@ class StepBatches:
         seed: int,
         start_step: int,
         total_steps: int,
+        group: int = 1,
     ):
         if batch_size % world:
             sys.exit(f"error: the global batch ({batch_size}) must be divisible by the world size ({world})")
         self.lengths, self.batch_size, self.rank, self.world = lengths, batch_size, rank, world
-        self.seed, self.start_step, self.total_steps = seed, start_step, total_steps
+        self.seed, self.start_step, self.total_steps, self.group = seed, start_step, total_steps, max(1, group)
         self.micro = min(micro, batch_size // world)
         self.steps_per_epoch = len(lengths) // batch_size
         if self.steps_per_epoch == 0:
@@ -333,10 +336,16 @@ class StepBatches:
 
     def step_indices(self, step: int) -> list[list[int]]:
         epoch, pos = divmod(step, self.steps_per_epoch)
+        B, mega, within = self.batch_size, *divmod(pos, self.group)
         perm = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + epoch))
-        batch = perm[pos * self.batch_size : (pos + 1) * self.batch_size].tolist()
-        batch.sort(key=lambda i: self.lengths[i])
-        per_rank = self.batch_size // self.world
+        members = perm[mega * self.group * B : min((mega + 1) * self.group, self.steps_per_epoch) * B].tolist()
+        members.sort(key=lambda i: self.lengths[i])  # stable: ties keep the permutation's order
+        order = torch.randperm(
+            len(members) // B,
+            generator=torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + mega),
+        ).tolist()
+        batch = members[order[within] * B : (order[within] + 1) * B]
+        per_rank = B // self.world
         mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
         return [mine[i : i + self.micro] for i in range(0, per_rank, self.micro)]
 
@@ -505,7 +514,9 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     steps_per_epoch = len(dataset) // phase.batch_size
     total = math.ceil(phase.epochs * steps_per_epoch)
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-    batches = StepBatches(dataset.lengths, phase.batch_size, cfg.micro_batch_size, rank, world, cfg.seed, start, total)
+    batches = StepBatches(
+        dataset.lengths, phase.batch_size, cfg.micro_batch_size, rank, world, cfg.seed, start, total, cfg.length_group
+    )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
@@ -548,7 +559,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         lr = lr_at(step, total, phase.lr, cfg.warmup_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, n_tokens = 0.0, 0
+        loss_sum, n_tokens, n_padded = 0.0, 0, 0
         for i, batch in enumerate(micro_batches):
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             if sharded:
@@ -558,6 +569,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             (loss * (counts[i] / total_tokens * world)).backward()
             loss_sum += loss.item() * counts[i]
             n_tokens += int(batch["attention_mask"].sum())
+            n_padded += batch["attention_mask"].numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         optimizer.step()
@@ -573,6 +585,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             lr=lr,
             grad_norm=round(grad_norm, 4),
             tokens_per_s=round(tokens / dt, 1),
+            padding=round(1 - n_tokens / max(1, n_padded), 4),  # this process's share of padded positions
             dt=round(dt, 4),
         )
         history.append(record)
@@ -601,9 +614,10 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             draw_loss_curve(
                 [h["loss"] for h in history], os.path.join(cfg.out_dir, f"{phase.name}.loss.png"), phase.name
             )
+        padding = sum(h.get("padding", 0.0) for h in history) / max(1, len(history))
         print(
-            f"{phase.name}: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}"
-            + f"; bad input: {data.SKIPPED}"
+            f"{phase.name}: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}; "
+            f"{100 * padding:.1f}% of positions were padding; bad input: {data.SKIPPED}"
         )
 
 

@@ -63,16 +63,32 @@ def test_parse_args_rejects_unknown_keys_and_bad_types():
             train.parse_args(bad)
 
 
-def test_step_batches_split_the_same_global_batches_over_any_world_size():
-    lengths = [i % 7 for i in range(64)]
-    one = train.StepBatches(lengths, 16, 4, 0, 1, seed=3, start_step=0, total_steps=6)
-    two = [train.StepBatches(lengths, 16, 4, r, 2, seed=3, start_step=0, total_steps=6) for r in range(2)]
-    for step in range(6):  # 6 steps span two epochs (4 steps each)
-        single = sorted(i for mb in one.step_indices(step) for i in mb)
-        split = sorted(i for b in two for mb in b.step_indices(step) for i in mb)
-        assert single == split and len(set(single)) == 16
-    resumed = list(train.StepBatches(lengths, 16, 4, 0, 1, seed=3, start_step=2, total_steps=6))
+@pytest.mark.parametrize("group", [1, 3])
+def test_step_batches_split_the_same_global_batches_over_any_world_size(group):
+    lengths = [(i * 37) % 11 for i in range(64)]
+    one = train.StepBatches(lengths, 16, 4, 0, 1, seed=3, start_step=0, total_steps=8, group=group)
+    two = [train.StepBatches(lengths, 16, 4, r, 2, seed=3, start_step=0, total_steps=8, group=group) for r in (0, 1)]
+    for epoch in range(2):  # 4 steps an epoch
+        seen = []
+        for step in range(4 * epoch, 4 * epoch + 4):
+            single = sorted(i for mb in one.step_indices(step) for i in mb)
+            split = sorted(i for b in two for mb in b.step_indices(step) for i in mb)
+            assert single == split and len(set(single)) == 16
+            seen += single
+        assert sorted(seen) == list(range(64))  # every sample once per epoch
+    resumed = list(train.StepBatches(lengths, 16, 4, 0, 1, seed=3, start_step=2, total_steps=8, group=group))
     assert resumed == list(one)[2 * 4 :]  # a resumed run sees exactly what the uninterrupted one saw
+
+
+def test_length_grouping_cuts_padding():
+    lengths = [(i * 7919) % 200 + 10 for i in range(4096)]
+
+    def padding(group):
+        batches = train.StepBatches(lengths, 32, 32, 0, 1, seed=0, start_step=0, total_steps=128, group=group)
+        padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in batches)
+        return 1 - sum(lengths) / padded
+
+    assert padding(16) < 0.1 < 0.3 < padding(1)
 
 
 def test_two_process_fsdp_matches_one_process(init_dir, tmp_path):
