@@ -1,16 +1,12 @@
 """Training and evaluation data: boxes as text, the conversation format and its tokenization, readers for
-the real datasets, the sample builders of the paper's stage-2/3 kinds, the procedural shapes world, and
-batching.
+the real datasets, the sample builders of the paper's stage-2/3 kinds (shared by real data, synth.py and the
+shapes world of shapes.py), and batching.
 
 Every box in this project is `[x1,y1,x2,y2]` with values in [0, 1], three decimals, relative to the
 image padded to a square (pasted centred, LLaVA style). This file owns that convention.
 
 Commands:
     python data.py convert {llava-pretrain,refcoco,rec-jsonl,vg,flickr30k} ... --out F.jsonl  # real data
-    python data.py shapes-splits --out data/shapes [--n 500]     # fixed REC and POPE eval files
-    python data.py shapes-tokenizer --out assets/shapes/tokenizer.json
-    python data.py baselines --split data/shapes/rec_testA.jsonl
-    python data.py throughput [--image-size 112] [--workers 2]   # samples/s through a DataLoader
 
 Pickle note: RefCOCO's refs(unc|umd).p are pickles, so reading one runs code: read only files you trust.
 """
@@ -22,17 +18,13 @@ import pickle
 import random
 import re
 import sys
-import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 
-import numpy as np
 import tokenizers
 import torch
-from PIL import Image, ImageDraw
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from PIL import Image
 
-from encoders import ImageProcessor, VisionConfig, crop_object, pad_to_square
+from encoders import ImageProcessor, crop_object, pad_to_square
 
 # ----------------------------------------------------------------------------- boxes as text
 
@@ -96,7 +88,6 @@ IGNORE = -100  # label of tokens without loss
 MARKER_RE = re.compile(r"(<image>|<object>)")
 ROLES = {"human": "user", "gpt": "assistant"}
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPES_TOKENIZER = os.path.join(HERE, "assets", "shapes", "tokenizer.json")  # made by `shapes-tokenizer`
 
 
 class Tokenizer:
@@ -638,360 +629,6 @@ def stage3_samples(grounded_images: list[dict], seed: int = 0) -> list[dict]:
     return samples
 
 
-# ----------------------------------------------------------------------------- the shapes world: scenes
-
-SHAPES = {"circle": 4, "square": 3, "triangle": 3, "diamond": 2}  # name -> sampling weight (POPE "popular")
-COLORS = {  # name -> (RGB, sampling weight)
-    "red": ((215, 45, 45), 5), "green": ((45, 165, 65), 4), "blue": ((45, 85, 215), 4),
-    "yellow": ((235, 205, 40), 3), "purple": ((140, 65, 185), 3), "orange": ((240, 135, 30), 2),
-}
-BACKGROUNDS = {"grey": (128, 128, 128), "dark grey": (70, 70, 75), "beige": (185, 175, 150),
-               "slate": (95, 110, 125), "olive": (100, 105, 75), "light grey": (205, 205, 200)}
-NOISE_SIDE = 640  # the largest image side the precomputed noise covers
-
-
-@dataclass
-class SceneConfig:
-    """Scene difficulty. A training preset can make a curriculum of it: one big object first, more later."""
-    min_objects: int = 1
-    max_objects: int = 4
-    min_size: float = 0.3  # object side as a fraction of the image's short side (big objects: see NOTES.md)
-    max_size: float = 0.5
-    min_side: int = 160  # the image's long side in pixels
-    max_side: int = 320
-    duplicate_prob: float = 0.3  # chance a new object repeats an earlier one's shape: relations become needed
-
-
-@dataclass
-class ShapeObject:
-    shape: str
-    color: str
-    size: str  # "small" | "big": two bands of object sizes with a gap between them, so the words are clear
-    box: tuple  # pixels (x1, y1, x2, y2), x2/y2 exclusive
-    rgb: tuple  # the colour drawn (the named colour, jittered)
-
-    @property
-    def category(self) -> str:
-        return f"{self.color} {self.shape}"
-
-    @property
-    def centre(self) -> tuple[float, float]:
-        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
-
-
-@dataclass
-class Scene:
-    width: int
-    height: int
-    background: str
-    objects: list
-    noise_offset: tuple  # where this scene's window lies in the shared noise pool
-
-    def draw(self) -> Image.Image:
-        ox, oy = self.noise_offset
-        img = Image.fromarray(_noisy_background(self.background)[oy:oy + self.height, ox:ox + self.width])
-        draw = ImageDraw.Draw(img)
-        for o in self.objects:
-            x1, y1, x2, y2 = o.box[0], o.box[1], o.box[2] - 1, o.box[3] - 1  # drawn extent is inclusive
-            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-            if o.shape == "circle":
-                draw.ellipse([x1, y1, x2, y2], fill=o.rgb)
-            elif o.shape == "square":
-                draw.rectangle([x1, y1, x2, y2], fill=o.rgb)
-            elif o.shape == "triangle":
-                draw.polygon([(x1, y2), (x2, y2), (cx, y1)], fill=o.rgb)
-            else:
-                draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=o.rgb)
-        return img
-
-    def box(self, o: ShapeObject) -> list[float]:
-        return pixels_to_box(o.box, self.width, self.height)
-
-
-_BACKGROUND_POOL = {}
-
-
-def _noisy_background(name: str) -> np.ndarray:
-    """A NOISE_SIDE^2 noisy plane of one background colour, made once per process; a scene's background is a
-    window of it, so drawing costs a copy (NOTES: noise per scene made drawing 4x slower)."""
-    if name not in _BACKGROUND_POOL:
-        noise = np.random.default_rng(0).integers(-14, 15, (NOISE_SIDE, NOISE_SIDE, 3))
-        _BACKGROUND_POOL[name] = np.clip(noise + BACKGROUNDS[name], 0, 255).astype(np.uint8)
-    return _BACKGROUND_POOL[name]
-
-
-def make_scene(rng: random.Random, cfg: SceneConfig | None = None) -> Scene:
-    """A random scene: image size and aspect, background, and non-overlapping objects with known boxes."""
-    cfg = cfg or SceneConfig()
-    if cfg.max_side > NOISE_SIDE:
-        raise ValueError(f"SceneConfig.max_side={cfg.max_side} is above NOISE_SIDE={NOISE_SIDE}")
-    long_side = rng.randint(cfg.min_side, cfg.max_side)
-    aspect = rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9])
-    short_side = round(long_side / aspect)
-    width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
-    mid = math.sqrt(cfg.min_size * cfg.max_size)  # the size words' boundary, with a 12% gap on each side
-    objects = []
-    for _ in range(rng.randint(cfg.min_objects, cfg.max_objects)):
-        for _attempt in range(20):
-            if objects and rng.random() < cfg.duplicate_prob:
-                shape = rng.choice(objects).shape
-            else:
-                shape = rng.choices(list(SHAPES), weights=list(SHAPES.values()))[0]
-            color = rng.choices(list(COLORS), weights=[w for _, w in COLORS.values()])[0]
-            size = rng.choice(["small", "big"])
-            lo, hi = (cfg.min_size, max(cfg.min_size, mid / 1.12)) if size == "small" else (
-                min(cfg.max_size, mid * 1.12), cfg.max_size)
-            side = max(4, round(rng.uniform(lo, hi) * min(width, height)))
-            x, y = rng.randint(0, width - side), rng.randint(0, height - side)
-            box = (x, y, x + side, y + side)
-            gap = 3
-            if all(box[0] >= o.box[2] + gap or o.box[0] >= box[2] + gap or box[1] >= o.box[3] + gap
-                   or o.box[1] >= box[3] + gap for o in objects):
-                rgb = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLORS[color][0])
-                objects.append(ShapeObject(shape, color, size, box, rgb))
-                break
-    offset = (rng.randint(0, NOISE_SIDE - width), rng.randint(0, NOISE_SIDE - height))
-    return Scene(width, height, rng.choice(list(BACKGROUNDS)), objects, offset)
-
-
-# ----------------------------------------------------------------------------- the shapes world: expressions
-# Grammar (the resolver parses exactly what the generator writes):
-#   the NP | the NP {left of|right of|above|below} the NP | the {leftmost|...} NP | the {second|third} NP from
-#   the {left|right|top|bottom};  NP = [small|big] [colour] shape.
-
-NP = rf"(?:(small|big) )?(?:({'|'.join(COLORS)}) )?({'|'.join(SHAPES)})"
-RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}  # axis, direction
-SIDES = {"left": (0, 1), "right": (0, -1), "top": (1, 1), "bottom": (1, -1)}  # axis, sort sign
-SUPERLATIVES = {"leftmost": "left", "rightmost": "right", "topmost": "top", "bottommost": "bottom"}
-ORDINALS = {"second": 1, "third": 2}
-EXPRESSION_RES = [
-    ("np", re.compile(rf"the {NP}")),
-    ("relation", re.compile(rf"the {NP} ({'|'.join(RELATIONS)}) the {NP}")),
-    ("superlative", re.compile(rf"the ({'|'.join(SUPERLATIVES)}) {NP}")),
-    ("ordinal", re.compile(rf"the ({'|'.join(ORDINALS)}) {NP} from the ({'|'.join(SIDES)})")),
-]
-
-
-def _np_matches(scene: Scene, size, color, shape) -> list[int]:
-    return [k for k, o in enumerate(scene.objects)
-            if o.shape == shape and (size is None or o.size == size) and (color is None or o.color == color)]
-
-
-def _holds(scene: Scene, t: int, r: int, axis: int, sign: int, margin: float) -> bool:
-    """Object t lies on side `sign` of object r along `axis` by more than `margin`, and that offset is at
-    least half the offset across (a circle far to the left and a little lower is not "below")."""
-    (tx, ty), (rx, ry) = scene.objects[t].centre, scene.objects[r].centre
-    along, across = (tx - rx, ty - ry) if axis == 0 else (ty - ry, tx - rx)
-    return sign * along > margin and abs(along) > abs(across) / 2 - max(0.0, -margin)
-
-
-def resolve(expression: str, scene: Scene, loose: bool = False) -> list[int]:
-    """Indices of the objects `expression` refers to. Positions compare centres with a margin of 8% of the
-    short side: strict counts only clear cases, loose (negative margin) also borderline ones. An expression
-    is unambiguous for object t iff both give [t] (no other object is even borderline)."""
-    margin = 0.08 * min(scene.width, scene.height) * (-1 if loose else 1)
-    for form, regex in EXPRESSION_RES:
-        m = regex.fullmatch(expression)
-        if m is None:
-            continue
-        g = m.groups()
-        if form == "np":
-            return _np_matches(scene, *g)
-        if form == "relation":
-            targets, (axis, sign) = _np_matches(scene, *g[:3]), RELATIONS[g[3]]
-            refs = _np_matches(scene, *g[4:])
-            if not loose and len(refs) != 1:
-                return []
-            return [t for t in targets if any(t != r and _holds(scene, t, r, axis, sign, margin)
-                                              for r in refs)]
-        side, rank, np_groups = ((SUPERLATIVES[g[0]], 0, g[1:4]) if form == "superlative"
-                                 else (g[4], ORDINALS[g[0]], g[1:4]))
-        axis, sign = SIDES[side]
-        matches = sorted(_np_matches(scene, *np_groups), key=lambda k: sign * scene.objects[k].centre[axis])
-        if len(matches) <= rank:
-            return []
-        chosen = scene.objects[matches[rank]].centre[axis]
-        near = [k for k in matches if abs(scene.objects[k].centre[axis] - chosen) <= abs(margin)]
-        return near if loose else ([matches[rank]] if near == [matches[rank]] else [])
-    raise ValueError(f"{expression!r} is not an expression of the shapes world (grammar above data.resolve)")
-
-
-def unambiguous(expression: str, scene: Scene, target: int) -> bool:
-    return resolve(expression, scene) == [target] and resolve(expression, scene, loose=True) == [target]
-
-
-def _noun_phrases(o: ShapeObject) -> list[str]:
-    return [o.shape, f"{o.color} {o.shape}", f"{o.size} {o.shape}", f"{o.size} {o.color} {o.shape}"]
-
-
-def attribute_expressions(scene: Scene, target: int) -> list[str]:
-    """testA style: attributes only ("the red circle", "the circle" when it is the only one)."""
-    phrases = _noun_phrases(scene.objects[target])
-    return [e for e in (f"the {p}" for p in phrases) if unambiguous(e, scene, target)]
-
-
-def relation_candidates(scene: Scene, target: int) -> list[str]:
-    """testB style, not yet checked: relations and order, only for noun phrases that alone match several
-    objects; the reference object is named by its shortest unambiguous attribute expression."""
-    candidates, refs = [], None
-    for phrase in _noun_phrases(scene.objects[target]):
-        if len(_np_matches(scene, *re.fullmatch(NP, phrase).groups())) < 2:
-            continue
-        if refs is None:
-            refs = [(attribute_expressions(scene, r) or [None])[0]
-                    for r in range(len(scene.objects)) if r != target]
-        candidates += [f"the {s} {phrase}" for s in SUPERLATIVES]
-        candidates += [f"the {o} {phrase} from the {s}" for o in ORDINALS for s in SIDES]
-        candidates += [f"the {phrase} {rel} {ref}" for ref in refs if ref for rel in RELATIONS]
-    return candidates
-
-
-def referring_expression(scene: Scene, target: int, rng: random.Random, kind: str = "any") -> str | None:
-    """One random unambiguous expression for the target: kind "attribute", "relation", or "any" (attributes
-    two times in three when both exist). None when the target cannot be told apart. Candidates are tried in
-    random order and the first unambiguous one wins: the same choice as among all, for less work."""
-    attribute = attribute_expressions(scene, target) if kind != "relation" else []
-    if kind == "attribute" or (attribute and rng.random() < 2 / 3):
-        return rng.choice(attribute) if attribute else None
-    candidates = relation_candidates(scene, target)
-    rng.shuffle(candidates)
-    found = next((e for e in candidates if unambiguous(e, scene, target)), None)
-    return found or (rng.choice(attribute) if attribute else None)
-
-
-# ----------------------------------------------------------------------------- shapes world: stage samples
-
-COUNTS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight"]
-
-
-def position_words(scene: Scene, o: ShapeObject) -> str:
-    """Coarse position in a 3x3 grid of the image ("at the top left", "in the centre"): stage-1 captions name
-    it so that the model learns where things are before it must output coordinates (NOTES: a lever)."""
-    cx, cy = o.centre
-    col = ["left", "", "right"][min(2, int(3 * cx / scene.width))]
-    row = ["top", "", "bottom"][min(2, int(3 * cy / scene.height))]
-    if row and col:
-        return f"at the {row} {col}"
-    return f"at the {row}" if row else (f"on the {col}" if col else "in the centre")
-
-
-def _reading_order(scene: Scene) -> list[ShapeObject]:
-    return sorted(scene.objects, key=lambda o: (int(3 * o.centre[1] / scene.height), o.centre[0]))
-
-
-def shapes_caption(scene: Scene, rng: random.Random) -> str:
-    parts = [f"a {o.size} {o.color} {o.shape} {position_words(scene, o)}" for o in _reading_order(scene)]
-    n, background = len(parts), f"{_a(scene.background)} background"
-    if rng.random() < 0.5:
-        return f"{_capitalized(_listing(parts))}, on {background}."
-    objects = f"{COUNTS[n]} object{'s' * (n != 1)}"
-    return f"There {'is' if n == 1 else 'are'} {objects} on {background}: {_listing(parts)}."
-
-
-def name_objects(scene: Scene, rng: random.Random, count: int) -> list[dict]:
-    """Up to `count` objects in random order, each named by an unambiguous expression (with its article:
-    "the red circle"). Naming is most of a sample's cost, so a sample names only the objects it asks about."""
-    named = []
-    for k in rng.sample(range(len(scene.objects)), len(scene.objects)):
-        expression = referring_expression(scene, k, rng) if len(named) < count else None
-        if expression:
-            named.append({"name": expression, "box": scene.box(scene.objects[k])})
-    return named
-
-
-def shapes_grounded(scene: Scene, image, named: list[dict]) -> dict:
-    """A scene as a grounded image: the named objects, then the others by their box alone (name None: fit
-    for options and relations, never asked about), and a description naming every object with its box."""
-    named_boxes = [o["box"] for o in named]
-    others = [{"name": None, "box": scene.box(o)} for o in scene.objects if scene.box(o) not in named_boxes]
-    description = _capitalized(_listing([f"a {o.size} {o.color} {o.shape} {format_box(scene.box(o))} "
-                                         f"{position_words(scene, o)}" for o in _reading_order(scene)]))
-    return {"image": image, "width": scene.width, "height": scene.height, "objects": named + others,
-            "descriptions": [f"{description}, on {_a(scene.background)} background."]}
-
-
-def pope_question(category: str) -> str:
-    return f"Is there {_a(category)} in the image?"
-
-
-def pope_negatives(scene: Scene, setting: str, rng: random.Random) -> list[str]:
-    """Absent categories ordered for one POPE setting: random; popular (most frequent in the world first);
-    adversarial (sharing a shape or colour with a present object, the confusable ones, popular first)."""
-    present = {o.category for o in scene.objects}
-    weight = {f"{c} {s}": cw * sw for c, (_, cw) in COLORS.items() for s, sw in SHAPES.items()}
-    absent = [c for c in weight if c not in present]
-    rng.shuffle(absent)
-    if setting == "popular":
-        absent.sort(key=lambda c: -weight[c])
-    elif setting == "adversarial":
-        confusable = lambda c: any(set(c.split()) & set(p.split()) for p in present)
-        absent.sort(key=lambda c: (not confusable(c), -weight[c]))
-    elif setting != "random":
-        raise ValueError(f"POPE setting must be random, popular or adversarial, got {setting!r}")
-    return absent
-
-
-def pope_sample(scene: Scene, image, rng: random.Random) -> dict:
-    """Stage 3: a POPE-style yes/no question about an object category, half of them absent."""
-    if rng.random() < 0.5:
-        category, answer = rng.choice(scene.objects).category, "Yes."
-    else:
-        category, answer = pope_negatives(scene, rng.choice(["random", "adversarial"]), rng)[0], "No."
-    turns = [{"from": "human", "value": "<image>\n" + pope_question(category)},
-             {"from": "gpt", "value": answer}]
-    return {"image": image, "conversations": turns}
-
-
-STAGE3_KINDS = {"conversation": 0.4, "description": 0.3, "pope": 0.3}
-STAGE_NAMES = {"stage1-pretrain": 1, "stage1": 1, "1": 1, "stage2": 2, "2": 2, "stage3": 3, "3": 3}
-
-
-class ShapesStageData:
-    """On-the-fly samples of the shapes world for one training stage, map-style and deterministic: sample i
-    is a function of (seed, stage, i) only, so every DataLoader worker and every resume sees the same data.
-    Stage 1: captions naming coarse positions. Stage 2: the multi-scale kinds (STAGE2_KINDS). Stage 3:
-    grounding conversations, grounding descriptions and POPE-style yes/no questions (STAGE3_KINDS)."""
-
-    def __init__(self, stage: str, length: int, seed: int = 0, scene: SceneConfig | None = None):
-        if str(stage) not in STAGE_NAMES:
-            raise ValueError(f"stage must be one of {sorted(STAGE_NAMES)}, got {stage!r}")
-        self.stage, self.level, self.length, self.seed = str(stage), STAGE_NAMES[str(stage)], length, seed
-        self.scene = scene or SceneConfig()
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i: int) -> dict:
-        scene, sample = self._make(i)
-        return {**sample, "image": scene.draw()}
-
-    def conversations(self, i: int) -> list[dict]:
-        """Sample i's text without drawing its image (what length grouping needs)."""
-        return self._make(i)[1]["conversations"]
-
-    def _make(self, i: int) -> tuple[Scene, dict]:
-        if not 0 <= i < self.length:
-            raise IndexError(f"sample {i} of {self.length}")
-        rng = random.Random(f"shapes:{self.seed}:{self.stage}:{i}")
-        while True:  # a scene whose objects no expression tells apart is redrawn (rare)
-            scene = make_scene(rng, self.scene)
-            if self.level == 1:
-                return scene, caption_sample(None, shapes_caption(scene, rng), rng, f"{self.stage}-{i}")
-            named = name_objects(scene, rng, 1 if self.level == 2 else 3)
-            if not named:
-                continue
-            grounded = shapes_grounded(scene, None, named)
-            if self.level == 2:  # the kind's target is the named object (REC when the kind cannot be made)
-                kind = rng.choices(list(STAGE2_KINDS), weights=[w for _, w in STAGE2_KINDS.values()])[0]
-                sample = STAGE2_KINDS[kind][0](grounded, rng, named[0]) or rec_sample(grounded, rng, named[0])
-            else:
-                kind = rng.choices(list(STAGE3_KINDS), weights=list(STAGE3_KINDS.values()))[0]
-                sample = (grounding_conversation_sample({**grounded, "objects": named}, rng)
-                          if kind == "conversation" else grounding_description_sample(grounded, rng)
-                          if kind == "description" else pope_sample(scene, None, rng))
-            return scene, {"id": f"{self.stage}-{i}", **sample}
-
-
 # ----------------------------------------------------------------------------- batching
 
 
@@ -1153,139 +790,7 @@ def make_loader(dataset: SFTDataset, batch_size: int, num_workers: int = 2, seed
                                        num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
-# ----------------------------------------------------------------------------- shapes eval splits, baselines
-
-EVAL_SCENES = {  # split -> (scene difficulty, expression kind)
-    "testA": (SceneConfig(min_objects=1, max_objects=4), "attribute"),
-    "testB": (SceneConfig(min_objects=3, max_objects=5, duplicate_prob=0.6), "relation"),
-}
-
-
-def write_shapes_splits(out: str, n: int = 500, seed: int = 0):
-    """Fixed eval files in the real formats: rec_{val,testA,testB}.jsonl in the RefCOCO jsonl layout (one
-    expression per scene; PNGs under images/, paths relative to the jsonl; "scene_objects" added for the
-    baselines) and pope_{random,popular,adversarial}.jsonl in POPE's layout (n questions each, half "yes",
-    on the same images). Seeds differ from every training stream."""
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    for split in ("val", "testA", "testB"):
-        with open(os.path.join(out, f"rec_{split}.jsonl"), "w") as f:
-            for i in range(n):
-                rng = random.Random(f"eval:{seed}:{split}:{i}")
-                config, kind = EVAL_SCENES[split if split != "val" else ("testA", "testB")[i % 2]]
-                while True:
-                    scene = make_scene(rng, config)
-                    target = rng.randrange(len(scene.objects))
-                    expression = referring_expression(scene, target, rng, kind)
-                    if expression:
-                        break
-                path = f"images/{split}_{i:05d}.png"
-                scene.draw().save(os.path.join(out, path))
-                objects = [{"bbox": list(o.box), "shape": o.shape, "color": o.color, "size": o.size}
-                           for o in scene.objects]
-                row = {"img_path": path, "expression": expression, "bbox": list(scene.objects[target].box),
-                       "width": scene.width, "height": scene.height, "scene_objects": objects}
-                f.write(json.dumps(row) + "\n")
-    files = {s: open(os.path.join(out, f"pope_{s}.jsonl"), "w") for s in ("random", "popular", "adversarial")}
-    question_id, image_index = 0, 0
-    while question_id < n:
-        image_seed = f"eval:{seed}:pope:{image_index}"
-        rng = random.Random(image_seed)
-        scene = make_scene(rng, SceneConfig(min_objects=3, max_objects=5, duplicate_prob=0.0))
-        path = f"images/pope_{image_index:05d}.png"
-        scene.draw().save(os.path.join(out, path))
-        present = sorted({o.category for o in scene.objects})
-        k = min(3, len(present), (n - question_id + 1) // 2)
-        positives = rng.sample(present, k)
-        for setting, f in files.items():
-            negatives = pope_negatives(scene, setting, random.Random(f"{image_seed}:{setting}"))
-            qid = question_id
-            for category, label in [(c, "yes") for c in positives] + [(c, "no") for c in negatives[:k]]:
-                qid += 1
-                if qid <= n:
-                    f.write(json.dumps({"question_id": qid, "image": path, "text": pope_question(category),
-                                        "label": label}) + "\n")
-        question_id, image_index = question_id + 2 * k, image_index + 1
-    for f in files.values():
-        f.close()
-
-
-def baselines(split_path: str, seed: int = 0) -> dict[str, float]:
-    """Acc@0.5 of answers that do not look (random box, centre box of the split's mean size) or look only
-    partly (a random object of the scene; a random object of the expression's shape, ignoring colour)."""
-    rng = random.Random(seed)
-    rows = [json.loads(line) for line in open(split_path) if line.strip()]
-    mean_w = sum((r["bbox"][2] - r["bbox"][0]) / r["width"] for r in rows) / len(rows)
-    mean_h = sum((r["bbox"][3] - r["bbox"][1]) / r["height"] for r in rows) / len(rows)
-
-    def random_box(r):
-        xs = sorted(rng.uniform(0, r["width"]) for _ in "xx")
-        ys = sorted(rng.uniform(0, r["height"]) for _ in "yy")
-        return [xs[0], ys[0], xs[1], ys[1]]
-
-    def centre_box(r):
-        w, h = mean_w * r["width"], mean_h * r["height"]
-        return [(r["width"] - w) / 2, (r["height"] - h) / 2, (r["width"] + w) / 2, (r["height"] + h) / 2]
-
-    def right_shape(r):
-        shape = next(w for w in r["expression"].split() if w in SHAPES)  # the target's noun comes first
-        return rng.choice([o for o in r["scene_objects"] if o["shape"] == shape])["bbox"]
-
-    guesses = {"random box": random_box, "centre box": centre_box,
-               "random object": lambda r: rng.choice(r["scene_objects"])["bbox"], "right shape": right_shape}
-    return {name: sum(iou(guess(r), r["bbox"]) >= 0.5 for r in rows) / len(rows)
-            for name, guess in guesses.items()}
-
-
-# ----------------------------------------------------------------------------- the shapes tokenizer
-
-
-def train_shapes_tokenizer(vocab_size: int = 640, samples_per_stage: int = 2000) -> tokenizers.Tokenizer:
-    """Byte-level BPE trained on the shapes world's text, Qwen's pre-tokenizer (so digits are one token each)
-    and Qwen2.5's special token names appended after the learned vocabulary, as in Qwen. Deterministic."""
-    qwen_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    corpus = [DEFAULT_SYSTEM, "system\n", "user\n", "assistant\n"] * samples_per_stage  # in every sample
-    for stage in ("stage1", "stage2", "stage3"):
-        data = ShapesStageData(stage, samples_per_stage, seed=12345)
-        corpus += [t["value"] for i in range(len(data)) for t in data.conversations(i)]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return tok
-
-
 # ----------------------------------------------------------------------------- commands
-
-
-def throughput(image_size: int = 112, workers: int = 2, batch_size: int = 32, batches: int = 40) -> float:
-    """Samples/s of stage-2 shapes data through a DataLoader (drawing, tokenizing, cropping, preprocessing
-    for two towers) at the tiny or the full image size; the first batches (worker start) are not timed."""
-    configs = [VisionConfig(kind, 64, 1, 1, 128, 14, image_size) for kind in ("clip", "dinov2")]
-    tok = Tokenizer.from_file(SHAPES_TOKENIZER)
-    num_image_tokens = (image_size // 14) ** 2
-    dataset = SFTDataset(ShapesStageData("stage2", batch_size * (batches + 2 * workers + 2)), tok,
-                         ImageProcessor(configs), num_image_tokens, 16, max_len=4096)
-    loader = make_loader(dataset, batch_size, workers)
-    it = iter(loader)
-    for _ in range(2 * workers):
-        next(it)
-    start = time.time()
-    for _ in range(batches):
-        next(it)
-    rate = batches * batch_size / (time.time() - start)
-    lengths = dataset.lengths
-    fraction = padding_fraction(list(LengthGroupedBatchSampler(lengths, batch_size)), lengths)
-    plain = padding_fraction(list(LengthGroupedBatchSampler(lengths, batch_size, group=1)), lengths)
-    print(f"{image_size} px, 2 towers, {workers} workers, batch {batch_size}: {rate:.0f} samples/s; padding "
-          f"{100 * fraction:.1f}% of token slots with length grouping, {100 * plain:.1f}% without")
-    return rate
 
 
 def convert(source: str, option):
@@ -1327,25 +832,8 @@ def main(argv: list[str]):
         return cast(argv[argv.index(name) + 1]) if name in argv else default
 
     command = argv[0] if argv else ""
-    if command == "shapes-splits":
-        out = option("--out", "data/shapes")
-        write_shapes_splits(out, option("--n", 500, int), option("--seed", 0, int))
-        print(f"wrote rec_{{val,testA,testB}}.jsonl and pope_{{random,popular,adversarial}}.jsonl to {out}")
-    elif command == "shapes-tokenizer":
-        out = option("--out", SHAPES_TOKENIZER)
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        tok = train_shapes_tokenizer(option("--vocab-size", 640, int))
-        tok.save(out, pretty=False)
-        print(f"wrote {out}: {tok.get_vocab_size()} tokens, {os.path.getsize(out)} bytes")
-    elif command == "baselines":
-        split = option("--split", "data/shapes/rec_testA.jsonl")
-        for name, acc in baselines(split, option("--seed", 0, int)).items():
-            print(f"{name:14s} Acc@0.5 {100 * acc:5.1f}%")
-    elif command == "convert":
+    if command == "convert":
         convert(argv[1] if len(argv) > 1 else "", option)
-    elif command == "throughput":
-        throughput(option("--image-size", 112, int), option("--workers", 2, int),
-                   option("--batch-size", 32, int))
     else:
         sys.exit(__doc__)
 

@@ -180,7 +180,7 @@ def splits_of(args) -> dict[str, list[dict]]:
         files = sorted(f for f in os.listdir(args.data) if f.startswith(prefix) and f.endswith((".jsonl", ".json")))
         if not files:
             raise SystemExit(
-                f"error: {args.data} holds no {prefix}*.jsonl file (python data.py shapes-splits "
+                f"error: {args.data} holds no {prefix}*.jsonl file (python shapes.py splits "
                 f"--out {args.data} writes the shapes splits)"
             )
         paths = [os.path.join(args.data, f) for f in files]

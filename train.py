@@ -28,6 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import shapes
 from encoders import VisionConfig
 from model import Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
 
@@ -220,7 +221,7 @@ def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGro
         model = TinyGroundingGPT.from_pretrained(init, dtype=torch.float32, device=device)
         return model, os.path.join(init, "tokenizer.json")
     if cfg.preset == "shapes":
-        tokenizer_path = data.SHAPES_TOKENIZER
+        tokenizer_path = shapes.SHAPES_TOKENIZER
         model = TinyGroundingGPT(shapes_model_config(data.Tokenizer.from_file(tokenizer_path), cfg)).to(device)
         return model, tokenizer_path
     for name, path, repo in [
@@ -460,7 +461,7 @@ def peak_flops(device) -> float:
 def build_dataset(cfg: TrainConfig, phase: PhaseSettings, model: TinyGroundingGPT, tokenizer):
     if cfg.preset == "shapes":
         sizes = dict(zip(PHASES, (int(n) for n in cfg.shapes_samples.split(","))))
-        samples = data.ShapesStageData(phase.name, sizes[phase.name], seed=cfg.seed)
+        samples = shapes.ShapesStageData(phase.name, sizes[phase.name], seed=cfg.seed)
     else:
         if not phase.data:
             key = PHASES[phase.name]["data"]

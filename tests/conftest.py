@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import data
+import shapes
 import train
 from model import TinyGroundingGPT
 
@@ -22,13 +23,13 @@ def save_tiny_checkpoint(out: str, std: float | None = None) -> str:
     wider than the default init (std 0.02 answers every prompt alike), so that answers depend on the input."""
     torch.manual_seed(0)
     cfg = train.parse_args(["--preset=shapes", "--train_towers=false"])
-    model = TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(data.SHAPES_TOKENIZER), cfg))
+    model = TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(shapes.SHAPES_TOKENIZER), cfg))
     if std is not None:
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() == 2:
                     p.normal_(0.0, std)
-    model.save_pretrained(out, data.SHAPES_TOKENIZER)
+    model.save_pretrained(out, shapes.SHAPES_TOKENIZER)
     return out
 
 

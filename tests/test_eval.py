@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-import data
 import eval as ev
+import shapes as shapes_world
 
 
 def test_rec_answer_is_mapped_from_the_padded_square_to_original_pixels():
@@ -84,7 +84,7 @@ REC_FIELDS = {"split", "id", "expression", "answer", "pred_box", "gt_box", "iou"
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
-    data.write_shapes_splits(str(out), n=8)
+    shapes_world.write_shapes_splits(str(out), n=8)
     return out
 
 
@@ -168,7 +168,7 @@ def test_bad_data_paths_exit_with_a_clear_message(ckpt, shapes, tmp_path):
     only_pope = tmp_path / "only_pope"
     only_pope.mkdir()
     shutil.copy(shapes / "pope_random.jsonl", only_pope)
-    with pytest.raises(SystemExit, match=r"^error: .*holds no rec_\*\.jsonl file .*shapes-splits"):
+    with pytest.raises(SystemExit, match=r"^error: .*holds no rec_\*\.jsonl file .*shapes.py splits"):
         run_eval(ckpt, "--task", "rec", "--data", only_pope)
     # the pope file's images are not next to it: named before any model work
     with pytest.raises(SystemExit, match=r"^error: question 1: image .*pope_00000.png does not exist"):

@@ -20,6 +20,7 @@ import requests
 
 import data
 import sample
+import shapes
 import synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ def scenes(tmp_path_factory):
     found, sizes = {}, set()
     rng = random.Random("synth-e2e")
     while len(found) < 3:
-        scene = data.make_scene(rng, data.SceneConfig(min_objects=2, max_objects=3, duplicate_prob=0.0))
+        scene = shapes.make_scene(rng, shapes.SceneConfig(min_objects=2, max_objects=3, duplicate_prob=0.0))
         names = [o.category for o in scene.objects]
         if len(names) < 2 or len(set(names)) < len(names) or (scene.width, scene.height) in sizes:
             continue

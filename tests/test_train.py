@@ -12,7 +12,7 @@ import torch
 from conftest import save_tiny_checkpoint
 from safetensors.torch import load_file
 
-import data
+import shapes
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +147,7 @@ def test_killed_run_resumes_to_exactly_the_same_result(init_dir, tmp_path):
 
 def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
     # a stage-2 data file in data.py's format, with images on disk (the paper preset reads files)
-    samples = data.ShapesStageData("stage2", 16, seed=1)
+    samples = shapes.ShapesStageData("stage2", 16, seed=1)
     with open(tmp_path / "stage2.jsonl", "w") as f:
         for i in range(len(samples)):
             sample = samples[i]

@@ -1,0 +1,96 @@
+"""shapes.py: deterministic scenes and stage data, the expression resolver, unambiguous eval splits in the real
+formats, the baselines, and the committed shapes tokenizer."""
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+import data
+import shapes
+from data import Tokenizer
+
+
+def test_shapes_data_deterministic_per_seed_and_valid():
+    for stage in ("stage1", "stage2", "stage3"):
+        a, b, c = (shapes.ShapesStageData(stage, 50, seed=s) for s in (3, 3, 4))
+        for i in range(0, 50, 7):
+            sa, sb = a[i], b[i]
+            assert sa["conversations"] == sb["conversations"] == a.conversations(i)
+            assert sa["image"].tobytes() == sb["image"].tobytes()
+            data.validate_sample(sa, f"{stage} {i}", check_file=False)
+        assert [a.conversations(i) for i in range(10)] != [c.conversations(i) for i in range(10)]
+
+
+def test_resolver_on_a_hand_made_scene():
+    obj = lambda shape, color, size, x, y: shapes.ShapeObject(shape, color, size, (x, y, x + 40, y + 40), ())
+    objects = [obj("circle", "red", "big", 10, 10), obj("circle", "blue", "small", 120, 10),
+               obj("square", "blue", "big", 230, 130), obj("circle", "red", "small", 240, 20)]
+    scene = shapes.Scene(300, 200, "grey", objects, (0, 0))
+    assert shapes.resolve("the circle", scene) == [0, 1, 3]
+    assert shapes.resolve("the square", scene) == [2]
+    assert shapes.resolve("the big red circle", scene) == [0]
+    assert shapes.resolve("the leftmost circle", scene) == [0]
+    assert shapes.resolve("the second circle from the right", scene) == [1]
+    assert shapes.resolve("the circle above the square", scene) == [0, 1, 3]
+    assert shapes.resolve("the circle left of the blue circle", scene) == [0]
+    assert shapes.resolve("the topmost circle", scene) == []  # all at the same height: no clear answer
+    assert shapes.resolve("the topmost circle", scene, loose=True) == [0, 1, 3]
+    assert shapes.unambiguous("the red circle left of the blue circle", scene, 0)
+    with pytest.raises(ValueError, match="not an expression"):
+        shapes.resolve("the red thing", scene)
+    # far to the left and a little lower is "left of", not "below"
+    pair = [obj("circle", "red", "big", 10, 60), obj("square", "red", "big", 240, 20)]
+    far = shapes.Scene(300, 200, "grey", pair, ())
+    assert shapes.resolve("the circle below the square", far, loose=True) == []
+    assert shapes.resolve("the circle left of the square", far) == [0]
+
+
+def test_eval_splits_are_unambiguous_and_in_the_real_layouts(tmp_path):
+    shapes.write_shapes_splits(str(tmp_path), n=24, seed=5)
+    for split in ("val", "testA", "testB"):
+        rows = [json.loads(line) for line in open(tmp_path / f"rec_{split}.jsonl")]
+        assert len(rows) == 24
+        for row in rows:
+            with Image.open(tmp_path / row["img_path"]) as img:
+                assert img.size == (row["width"], row["height"])
+            objects = [shapes.ShapeObject(o["shape"], o["color"], o["size"], tuple(o["bbox"]), (0, 0, 0))
+                       for o in row["scene_objects"]]
+            scene = shapes.Scene(row["width"], row["height"], "grey", objects, (0, 0))
+            target = [o["bbox"] for o in row["scene_objects"]].index(row["bbox"])
+            assert shapes.unambiguous(row["expression"], scene, target), row
+        relational = (" of ", "above", "below", "most ", " from the ")
+        kinds = {any(w in r["expression"] for w in relational) for r in rows}
+        assert kinds == ({False} if split == "testA" else {True} if split == "testB" else {False, True})
+    pope = {s: [json.loads(line) for line in open(tmp_path / f"pope_{s}.jsonl")]
+            for s in ("random", "popular", "adversarial")}
+    for rows in pope.values():
+        assert len(rows) == 24 and sum(r["label"] == "yes" for r in rows) == 12
+        assert set(rows[0]) == {"question_id", "image", "text", "label"}
+        question = rf"Is there an? ({'|'.join(shapes.COLORS)}) ({'|'.join(shapes.SHAPES)}) in the image\?"
+        assert all(re.fullmatch(question, r["text"]) for r in rows)
+    assert [r["text"] for r in pope["random"]] != [r["text"] for r in pope["popular"]]
+
+
+def test_baselines(tmp_path):
+    one = {"shape": "circle", "color": "red", "size": "big", "bbox": [10, 10, 50, 50]}
+    other = {"shape": "square", "color": "red", "size": "big", "bbox": [60, 10, 90, 40]}
+    rows = [{"img_path": "a.png", "expression": "the red circle", "bbox": one["bbox"], "width": 100,
+             "height": 60, "scene_objects": [one, other]}] * 10
+    (tmp_path / "split.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    scores = shapes.baselines(str(tmp_path / "split.jsonl"))
+    assert scores["right shape"] == 1.0 and 0.0 < scores["random object"] < 1.0
+    assert scores["random box"] < 0.5 and scores["centre box"] == 0.0  # centre box [30,10,70,50]: IoU 0.33
+
+
+def test_shapes_tokenizer_committed_and_deterministic():
+    tok = Tokenizer.from_file(shapes.SHAPES_TOKENIZER)
+    assert tok.encode("[0.125,1.000]") == [tok.tok.token_to_id(c) for c in "[0.125,1.000]"]  # digit by digit
+    assert tok.decode(tok.encode(data.DEFAULT_SYSTEM)) == data.DEFAULT_SYSTEM
+    assert tok.sampleable_size == tok.tok.get_vocab_size() and tok.pad_id == tok.sampleable_size - 22
+    small = [shapes.train_shapes_tokenizer(300, samples_per_stage=30).to_str() for _ in range(2)]
+    assert small[0] == small[1]
+
+
+# ----------------------------------------------------------------------------- batching
