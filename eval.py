@@ -75,7 +75,7 @@ class Questions(torch.utils.data.Dataset):
         return i, ids, self.processor(data.load_image(self.records[i]["image"]))
 
 
-def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=32, workers=2, desc="") -> list:
+def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=64, workers=2, desc="") -> list:
     """Greedy answers (text) to one question per record, in the records' order. Prompts are grouped by
     length so that a batch pads little; batching does not change answers (tests/test_eval.py)."""
     dataset = Questions(records, questions, tok, model)
