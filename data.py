@@ -521,26 +521,25 @@ def _options(grounded, rng, target, max_options=4):
     return options, listing, f"({LETTERS[options.index(target)]})"
 
 
-def box_to_object_sample(grounded, rng, target=None):
-    """coordinates -> object image: which of these crops shows the object at the box?"""
+def _choice_sample(grounded, rng, target, question):
+    """A choice among object images: `question(target)`, then the lettered options; the answer is a letter."""
     target = target or rng.choice(grounded["objects"])
     found = _options(grounded, rng, target)
     if found is None:
         return None
     options, listing, answer = found
-    human = f"Which object image shows the object at {format_box(target['box'])}? {listing}"
-    return _sample(grounded, human, answer, [o["box"] for o in options])
+    return _sample(grounded, f"{question(target)} {listing}", answer, [o["box"] for o in options])
+
+
+def box_to_object_sample(grounded, rng, target=None):
+    """coordinates -> object image: which of these crops shows the object at the box?"""
+    return _choice_sample(grounded, rng, target,
+                          lambda t: f"Which object image shows the object at {format_box(t['box'])}?")
 
 
 def text_to_object_sample(grounded, rng, target=None):
     """text -> object image: which of these crops answers the question?"""
-    target = target or rng.choice(grounded["objects"])
-    found = _options(grounded, rng, target)
-    if found is None:
-        return None
-    options, listing, answer = found
-    human = f"Which of these object images shows {target['name']}? {listing}"
-    return _sample(grounded, human, answer, [o["box"] for o in options])
+    return _choice_sample(grounded, rng, target, lambda t: f"Which of these object images shows {t['name']}?")
 
 
 def relation(a, b) -> str:
