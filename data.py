@@ -282,19 +282,23 @@ def load_samples(paths, image_root: str = "", skip_bad=False) -> list[dict]:
     A bad record raises SampleError, or with `skip_bad` (True: count into SKIPPED; or a SkipCounter) is
     skipped and counted."""
     paths = [p for p in paths.split(",") if p] if isinstance(paths, str) else list(paths)
-    counter, samples = _counter(skip_bad), []
-    for path in paths:
-        for where, record in _records(path):
-            try:
-                if isinstance(record, json.JSONDecodeError):
-                    raise SampleError(where, "malformed line", record.msg)
-                validate_sample(record, where, image_root)
-            except SampleError as e:
-                if counter is None:
-                    raise
-                counter.add(e.reason)
-                continue
-            samples.append(_located(record, where, image_root))
+    return _valid(((where, r) for path in paths for where, r in _records(path)), image_root, _counter(skip_bad))
+
+
+def _valid(records, image_root: str, counter, check_file: bool = True) -> list[dict]:
+    """The (where, record) pairs that pass validate_sample, located; a bad one raises or is counted."""
+    samples = []
+    for where, record in records:
+        try:
+            if isinstance(record, json.JSONDecodeError):
+                raise SampleError(where, "malformed line", record.msg)
+            validate_sample(record, where, image_root, check_file)
+        except SampleError as e:
+            if counter is None:
+                raise
+            counter.add(e.reason)
+            continue
+        samples.append(_located(record, where, image_root))
     return samples
 
 
@@ -328,21 +332,16 @@ def read_llava_pretrain(path: str, image_root: str = "", seed: int = 0, skip_bad
                         check_file: bool = True) -> list[dict]:
     """LLaVA-Pretrain: `blip_laion_cc_sbu_558k.json` (already conversations with a sampled instruction) or its
     `_meta.json` ({"id", "image", "blip_caption"}), whose captions get an instruction sampled here."""
-    rng, samples, counter = random.Random(seed), [], _counter(skip_bad)
-    for where, record in _records(path):
-        try:
-            if isinstance(record, dict) and "conversations" not in record and "blip_caption" in record:
-                record = caption_sample(record.get("image"), record["blip_caption"], rng, record.get("id"))
-            if isinstance(record, json.JSONDecodeError):
-                raise SampleError(where, "malformed line", record.msg)
-            validate_sample(record, where, image_root, check_file)
-        except SampleError as e:
-            if counter is None:
-                raise
-            counter.add(e.reason)
-            continue
-        samples.append(_located(record, where, image_root))
-    return samples
+    rng = random.Random(seed)
+
+    def with_instruction(record):
+        if isinstance(record, dict) and "conversations" not in record and "blip_caption" in record:
+            return caption_sample(record.get("image"), record["blip_caption"], rng, record.get("id"))
+        return record
+    records = ((where, with_instruction(record)) for where, record in _records(path))
+    return _valid(records, image_root, _counter(skip_bad), check_file)
+
+
 # LLaVA-v1.5-mix665k and ShareGPT4V are in the sample format already (text-only samples too): load_samples.
 
 

@@ -1,5 +1,8 @@
 """Fixtures shared by the test files: one torch thread, and a tiny random shapes checkpoint on disk."""
 
+import contextlib
+import threading
+
 import pytest
 import torch
 
@@ -36,3 +39,19 @@ def save_tiny_checkpoint(out: str, std: float | None = None) -> str:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
     return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), std=0.1)
+
+
+@contextlib.contextmanager
+def serving(model, tok, name: str):
+    """sample.py's OpenAI-compatible server on a free loopback port, in a thread; yields its base URL."""
+    import sample
+
+    httpd = sample.serve(model, tok, name, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)

@@ -10,12 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 import requests
 import torch
+from conftest import serving
 from PIL import Image
 
 import sample
@@ -219,14 +219,8 @@ def test_the_script_exits_non_zero_with_one_line(ckpt, tmp_path):
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    model, tok = loaded
-    httpd = sample.serve(model, tok, "tiny", "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
+    with serving(*loaded, "tiny") as url:
+        yield url
 
 
 def chat(url, body, **kwargs):

@@ -12,11 +12,11 @@ import random
 import re
 import subprocess
 import sys
-import threading
 from collections import Counter
 
 import pytest
 import requests
+from conftest import serving
 
 import data
 import sample
@@ -101,13 +101,8 @@ def scripted_generate(model, tok, scenes: dict):
 def server(ckpt, scenes, monkeypatch):
     model, tok = sample.load(ckpt)
     monkeypatch.setattr(model, "generate", scripted_generate(model, tok, scenes[1]))
-    httpd = sample.serve(model, tok, "tiny-scripted", "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
+    with serving(model, tok, "tiny-scripted") as url:
+        yield url
 
 
 def run_synth(url, model_name, images, out, *extra) -> Counter:
