@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tokenizers
+import torch
 from PIL import Image, ImageDraw
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -394,6 +395,43 @@ class ShapesStageData:
                           if kind == "description" else rec_sample(grounded, rng, named[0])
                           if kind == "rec" else pope_sample(scene, None, rng))
             return scene, {"id": f"{self.stage}-{i}", **sample}
+
+
+# ----------------------------------------------------------------------------- tower pretraining data
+
+CATEGORIES = [f"{color} {shape}" for color in COLORS for shape in SHAPES]  # patch classes 1..24; 0: background
+
+
+def patch_targets(scene: Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense targets on the padded square's grid x grid patches: the class of the object whose box holds the
+    patch centre (1 + CATEGORIES index; 0 for background) [grid*grid], and that object's normalized box
+    [grid*grid, 4] (zeros on background). Boxes never overlap, so each patch has at most one object."""
+    classes, boxes = torch.zeros(grid * grid, dtype=torch.long), torch.zeros(grid * grid, 4)
+    centres = (torch.arange(grid) + 0.5) / grid
+    for o in scene.objects:
+        box = scene.box(o)
+        inside_x = (centres >= box[0]) & (centres < box[2])  # [grid] columns
+        inside_y = (centres >= box[1]) & (centres < box[3])  # [grid] rows
+        inside = (inside_y[:, None] & inside_x[None, :]).flatten()  # row-major, as the towers' patch order
+        classes[inside] = 1 + CATEGORIES.index(o.category)
+        boxes[inside] = torch.tensor(box)
+    return classes, boxes
+
+
+class TowerData:
+    """Scenes with their dense patch targets for `train.py`'s tower pretraining (the shapes world's stand-in
+    for CLIP's and DINOv2's pretraining): item i -> (pixels [T, 3, S, S], classes [P], boxes [P, 4]), a
+    function of (seed, i) only."""
+
+    def __init__(self, length: int, processor, grid: int, seed: int = 0):
+        self.length, self.processor, self.grid, self.seed = length, processor, grid, seed
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i: int):
+        scene = make_scene(random.Random(f"shapes:{self.seed}:towers:{i}"))
+        return (self.processor(scene.draw()), *patch_targets(scene, self.grid))
 
 
 # ----------------------------------------------------------------------------- shapes eval splits, baselines

@@ -6,7 +6,7 @@
 
 Stage 1 runs two phases: `pretrain` (projector only, lr 1e-3) then `finetune` (LLM + projector, 2e-5).
 Stages 2 and 3 train LLM + projector. The encoders are always frozen (the shapes preset may train its tiny
-towers, see `train_towers`). Each phase exports config.json + model.safetensors + tokenizer.json into
+towers first, see `pretrain_towers`). Each phase exports config.json + model.safetensors + tokenizer.json into
 `{out_dir}/{phase}`, which the next phase starts from. Rerunning the same command resumes from the latest
 checkpoint in `{out_dir}/{phase}-ckpt`.
 
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data
 import shapes
-from encoders import VisionConfig
+from encoders import ImageProcessor, VisionConfig
 from model import Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
 
 # ----------------------------------------------------------------------------- configuration
@@ -70,7 +70,8 @@ class TrainConfig:
     log_every: int = 1
     ckpt_every: int = 200  # optimizer steps between resumable checkpoints (and one at the end)
     # shapes preset only
-    train_towers: bool = True  # no pretrained towers exist for the shapes world: train the tiny ones
+    tower_steps: int = 800  # steps of batch 64 pretraining the tiny towers before stage 1 (0: none)
+    train_towers: bool = False  # also train the towers in the stages (the paper freezes them)
     shapes_samples: str = "3200,3200,38400,9600"  # samples per epoch: stage1 pretrain, finetune, 2, 3
 
 
@@ -96,6 +97,9 @@ SHAPES_PRESET = dict(
     ckpt_every=100,
     log_every=25,
     max_len=256,
+    # length-sorted megabatches give batches of one sample kind here (lengths follow the kind); a stage-2 run
+    # with them spiked at step 276 and collapsed to repeated digits (1% testA at step 500), so: mixed batches
+    length_group=1,
 )
 SHAPES_PHASES = {  # from-scratch weights need far larger learning rates than fine-tuning a pretrained LLM
     "stage1-pretrain": dict(lr=2e-3, batch_size=32, epochs=1.0),
@@ -208,6 +212,8 @@ def barrier():
 def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGroundingGPT, str]:
     """The phase's starting model (fp32 master weights) and the tokenizer.json that goes with it."""
     previous = {"stage1": "stage1-pretrain", "stage2": "stage1", "stage3": "stage2"}.get(phase.name)
+    if phase.name == "stage1-pretrain" and cfg.preset == "shapes" and cfg.tower_steps > 0:
+        previous = "towers"
     init = cfg.init if (cfg.init and phase.name == STAGE_PHASES[cfg.stage][0]) else ""
     if not init and previous:
         init = os.path.join(cfg.out_dir, previous)
@@ -221,9 +227,7 @@ def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGro
         model = TinyGroundingGPT.from_pretrained(init, dtype=torch.float32, device=device)
         return model, os.path.join(init, "tokenizer.json")
     if cfg.preset == "shapes":
-        tokenizer_path = shapes.SHAPES_TOKENIZER
-        model = TinyGroundingGPT(shapes_model_config(data.Tokenizer.from_file(tokenizer_path), cfg)).to(device)
-        return model, tokenizer_path
+        return new_shapes_model(cfg).to(device), shapes.SHAPES_TOKENIZER
     for name, path, repo in [
         ("clip", cfg.clip, "openai/clip-vit-large-patch14-336"),
         ("dino", cfg.dino, "facebook/dinov2-large"),
@@ -238,11 +242,15 @@ def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGro
     return model, os.path.join(cfg.qwen, "tokenizer.json")
 
 
+def new_shapes_model(cfg: TrainConfig) -> TinyGroundingGPT:
+    return TinyGroundingGPT(shapes_model_config(data.Tokenizer.from_file(shapes.SHAPES_TOKENIZER), cfg))
+
+
 def shapes_model_config(tok: data.Tokenizer, cfg: TrainConfig) -> TinyGroundingGPTConfig:
     """The tiny model of the shapes world: two 3-layer towers at 112 px (8x8 patches), a 4-layer LM."""
     tower = dict(
         hidden_size=64, num_layers=3, num_heads=4, mlp_size=256, patch_size=14, image_size=112, feature_layer=-1
-    )  # trained from scratch: the last block's output, no block left idle
+    )  # pretrained from scratch (pretrain_towers): the last block's output, no block left idle
     llm = Qwen2Config(
         vocab_size=tok.sampleable_size,
         hidden_size=128,
@@ -455,6 +463,57 @@ def peak_flops(device) -> float:
     return 312e12 if "A100" in name else 989e12
 
 
+# ----------------------------------------------------------------------------- shapes: tower pretraining
+
+
+def pretrain_towers(cfg: TrainConfig, rank: int) -> None:
+    """The shapes world's stand-in for CLIP's and DINOv2's pretraining, so that its stages, like the paper's,
+    start from frozen towers whose patch features already say what is where: each tower learns, per patch,
+    the class of the object there (colour x shape, or background) and that object's box, through a linear head
+    that is thrown away. Without it the LM must learn to see and to ground at once, and stalls (README).
+    Rank 0 trains (a few minutes); the stages then start from the exported `{out_dir}/towers`."""
+    out = os.path.join(cfg.out_dir, "towers")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        if rank == 0:
+            print(f"towers: already exported to {out}; skipping (delete it to train again)")
+        return
+    if rank == 0:
+        torch.manual_seed(cfg.seed)
+        model = new_shapes_model(cfg)
+        towers, grid, batch_size, peak = model.encoder.towers, model.encoder.towers[0].grid, 64, 2e-3
+        towers.requires_grad_(True).train()  # the model holds its towers frozen (config.train_towers)
+        classes = 1 + len(shapes.CATEGORIES)
+        heads = torch.nn.ModuleList(torch.nn.Linear(t.config.hidden_size, classes + 4) for t in towers)
+        params = [*towers.parameters(), *heads.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
+        dataset = shapes.TowerData(cfg.tower_steps * batch_size, ImageProcessor(model.config.vision), grid, cfg.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers)
+        print(f"towers: {cfg.tower_steps} steps of {batch_size} scenes, per-patch class + box, lr {peak:g}")
+        t_start = time.time()
+        for step, (pixels, target_class, target_box) in enumerate(loader):
+            lr = lr_at(step, cfg.tower_steps, peak, cfg.warmup_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, report, on_object = 0.0, [], target_class > 0  # [B, P]
+            for t, (tower, head) in enumerate(zip(towers, heads)):
+                logits, box = head(tower(pixels[:, t])).split([classes, 4], dim=-1)  # [B, P, classes], [B, P, 4]
+                class_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_class.flatten())
+                box_error = (box[on_object] - target_box[on_object]).abs().mean()  # L1 in units of the side
+                loss = loss + class_loss + 10 * box_error  # 10: both terms start near 1
+                accuracy = (logits.argmax(-1) == target_class).float().mean()
+                report.append(f"{tower.config.kind} acc {accuracy:.3f} box L1 {box_error:.3f}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            if step % cfg.log_every == 0 or step + 1 == cfg.tower_steps:
+                print(f"towers {step + 1:>6}/{cfg.tower_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                      + " | ".join(report), flush=True)
+        model.save_pretrained(out, shapes.SHAPES_TOKENIZER)
+        print(f"towers: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}")
+    barrier()
+
+
 # ----------------------------------------------------------------------------- one phase
 
 
@@ -632,6 +691,8 @@ def main(argv: list[str]) -> None:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         with open(os.path.join(cfg.out_dir, f"config-stage{cfg.stage}.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if cfg.preset == "shapes" and cfg.tower_steps > 0 and cfg.stage in ("1", "all") and not cfg.init:
+        pretrain_towers(cfg, rank)
     for name in STAGE_PHASES[cfg.stage]:
         train_phase(cfg, resolve_phase(cfg, name), rank, world, device)
     if dist.is_initialized():

@@ -47,6 +47,24 @@ def test_resolver_on_a_hand_made_scene():
     assert shapes.resolve("the circle left of the square", far) == [0]
 
 
+def test_patch_targets_by_hand():
+    # 200 x 100 pads to a 200-px square with 50 px on top; the square's box on it is [0, 0.25, 0.5, 0.5]
+    square = shapes.ShapeObject("square", "red", "big", (0, 0, 100, 50), ())
+    circle = shapes.ShapeObject("circle", "blue", "small", (150, 50, 200, 100), ())  # [0.75, 0.5, 1, 0.75]
+    scene = shapes.Scene(200, 100, "grey", [square, circle], (0, 0))
+    classes, boxes = shapes.patch_targets(scene, grid=4)  # patch centres at 0.125, 0.375, 0.625, 0.875
+    expected = [0] * 16
+    expected[4] = expected[5] = 1 + shapes.CATEGORIES.index("red square")  # row 1, columns 0-1
+    expected[11] = 1 + shapes.CATEGORIES.index("blue circle")  # row 2, column 3
+    assert classes.tolist() == expected
+    assert boxes[4].tolist() == boxes[5].tolist() == [0.0, 0.25, 0.5, 0.5]
+    assert boxes[11].tolist() == [0.75, 0.5, 1.0, 0.75]
+    assert boxes[classes == 0].abs().sum() == 0
+    pixels, c, b = shapes.TowerData(3, lambda img: img.size, grid=4, seed=5)[2]  # deterministic per (seed, i)
+    again = shapes.TowerData(3, lambda img: img.size, grid=4, seed=5)[2]
+    assert pixels == again[0] and c.equal(again[1]) and b.equal(again[2])
+
+
 def test_eval_splits_are_unambiguous_and_in_the_real_layouts(tmp_path):
     shapes.write_shapes_splits(str(tmp_path), n=24, seed=5)
     for split in ("val", "testA", "testB"):

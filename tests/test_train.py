@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,6 +180,22 @@ def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
     assert changed(pretrain, stage1, "llm.") and not changed(pretrain, stage1, "encoder.")
     assert changed(stage1, stage2, "llm.") and changed(stage1, stage2, "projector.")
     assert not changed(stage1, stage2, "encoder.")  # stage 2 started from stage 1's export, towers frozen
+
+
+def test_shapes_towers_are_pretrained_then_frozen(tmp_path):
+    out = tmp_path / "run"
+    log = run([*COMMON, "--stage=1", f"--out_dir={out}", "--tower_steps=40", "--shapes_samples=16,16,16,16",
+               "--batch_size=8", "--max_steps=1"])
+    tower_losses = [float(x) for x in re.findall(r"^towers +\d+/40 \| loss ([0-9.]+)", log, re.M)]
+    assert len(tower_losses) == 40
+    assert sum(tower_losses[-5:]) < 0.8 * sum(tower_losses[:5]), tower_losses  # the dense objective learns
+    towers, stage1 = weights(out, "towers"), weights(out, "stage1")
+    torch.manual_seed(1337)  # the run's seed: the same random init the tower pretraining started from
+    fresh = train.new_shapes_model(train.TrainConfig(preset="shapes", max_len=256)).state_dict()
+    encoder = [k for k in towers if k.startswith("encoder.")]
+    assert any(not torch.equal(towers[k], fresh[k]) for k in encoder)  # pretraining changed the towers...
+    assert all(torch.equal(towers[k], stage1[k]) for k in encoder)  # ...and stage 1 kept them frozen
+    assert any(not torch.equal(towers[k], stage1[k]) for k in towers if k.startswith("llm."))
 
 
 def test_missing_previous_stage_says_what_to_run(tmp_path):
