@@ -70,9 +70,9 @@ class TrainConfig:
     log_every: int = 1
     ckpt_every: int = 200  # optimizer steps between resumable checkpoints (and one at the end)
     # shapes preset only
-    tower_steps: int = 800  # steps of batch 64 pretraining the tiny towers before stage 1 (0: none)
+    tower_steps: int = 400  # steps of batch 64 pretraining the tiny towers before stage 1 (0: none)
     train_towers: bool = False  # also train the towers in the stages (the paper freezes them)
-    shapes_samples: str = "3200,3200,38400,9600"  # samples per epoch: stage1 pretrain, finetune, 2, 3
+    shapes_samples: str = "3200,3200,28800,6400"  # samples per epoch: stage1 pretrain, finetune, 2, 3
 
 
 # Table 6 of the paper. "trains": which parts get gradients (the encoders never do in the paper).
