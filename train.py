@@ -466,12 +466,13 @@ def peak_flops(device) -> float:
 # ----------------------------------------------------------------------------- shapes: tower pretraining
 
 
-def pretrain_towers(cfg: TrainConfig, rank: int) -> None:
+def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
     """The shapes world's stand-in for CLIP's and DINOv2's pretraining, so that its stages, like the paper's,
     start from frozen towers whose patch features already say what is where: each tower learns, per patch,
     the class of the object there (colour x shape, or background) and that object's box, through a linear head
     that is thrown away. Without it the LM must learn to see and to ground at once, and stalls (README).
-    Rank 0 trains (a few minutes); the stages then start from the exported `{out_dir}/towers`."""
+    Rank 0 trains (minutes; not checkpointed: a rerun after a crash starts it over); the stages then start from
+    the exported `{out_dir}/towers`."""
     out = os.path.join(cfg.out_dir, "towers")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         if rank == 0:
@@ -479,18 +480,19 @@ def pretrain_towers(cfg: TrainConfig, rank: int) -> None:
         return
     if rank == 0:
         torch.manual_seed(cfg.seed)
-        model = new_shapes_model(cfg)
+        model = new_shapes_model(cfg).to(device)
         towers, grid, batch_size, peak = model.encoder.towers, model.encoder.towers[0].grid, 64, 2e-3
         towers.requires_grad_(True).train()  # the model holds its towers frozen (config.train_towers)
         classes = 1 + len(shapes.CATEGORIES)
-        heads = torch.nn.ModuleList(torch.nn.Linear(t.config.hidden_size, classes + 4) for t in towers)
+        heads = torch.nn.ModuleList(torch.nn.Linear(t.config.hidden_size, classes + 4) for t in towers).to(device)
         params = [*towers.parameters(), *heads.parameters()]
         optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
         dataset = shapes.TowerData(cfg.tower_steps * batch_size, ImageProcessor(model.config.vision), grid, cfg.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers)
         print(f"towers: {cfg.tower_steps} steps of {batch_size} scenes, per-patch class + box, lr {peak:g}")
         t_start = time.time()
-        for step, (pixels, target_class, target_box) in enumerate(loader):
+        for step, batch in enumerate(loader):
+            pixels, target_class, target_box = (t.to(device, non_blocking=True) for t in batch)
             lr = lr_at(step, cfg.tower_steps, peak, cfg.warmup_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -499,16 +501,16 @@ def pretrain_towers(cfg: TrainConfig, rank: int) -> None:
                 logits, box = head(tower(pixels[:, t])).split([classes, 4], dim=-1)  # [B, P, classes], [B, P, 4]
                 class_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_class.flatten())
                 box_error = (box[on_object] - target_box[on_object]).abs().mean()  # L1 in units of the side
-                loss = loss + class_loss + 10 * box_error  # 10: both terms start near 1
-                accuracy = (logits.argmax(-1) == target_class).float().mean()
-                report.append(f"{tower.config.kind} acc {accuracy:.3f} box L1 {box_error:.3f}")
+                # x10: box errors are fractions of the side (~0.5 at init, ~0.02 trained), class losses ~3 -> ~0.1
+                loss = loss + class_loss + 10 * box_error
+                report.append((tower.config.kind, (logits.argmax(-1) == target_class).float().mean(), box_error))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             if step % cfg.log_every == 0 or step + 1 == cfg.tower_steps:
                 print(f"towers {step + 1:>6}/{cfg.tower_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                      + " | ".join(report), flush=True)
+                      + " | ".join(f"{kind} acc {acc:.3f} box L1 {l1:.3f}" for kind, acc, l1 in report), flush=True)
         model.save_pretrained(out, shapes.SHAPES_TOKENIZER)
         print(f"towers: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}")
     barrier()
@@ -692,7 +694,7 @@ def main(argv: list[str]) -> None:
         with open(os.path.join(cfg.out_dir, f"config-stage{cfg.stage}.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     if cfg.preset == "shapes" and cfg.tower_steps > 0 and cfg.stage in ("1", "all") and not cfg.init:
-        pretrain_towers(cfg, rank)
+        pretrain_towers(cfg, rank, device)
     for name in STAGE_PHASES[cfg.stage]:
         train_phase(cfg, resolve_phase(cfg, name), rank, world, device)
     if dist.is_initialized():
