@@ -5,7 +5,7 @@
     python train.py --preset shapes               # the tiny model on the shapes world, all stages, on CPU
 
 Stage 1 runs two phases: `pretrain` (projector only, lr 1e-3) then `finetune` (LLM + projector, 2e-5).
-Stages 2 and 3 train LLM + projector. The encoders are always frozen (the shapes preset may train its tiny
+Stages 2 and 3 train LLM + projector. The encoders are always frozen (the shapes preset pretrains its tiny
 towers first, see `pretrain_towers`). Each phase exports config.json + model.safetensors + tokenizer.json into
 `{out_dir}/{phase}`, which the next phase starts from. Rerunning the same command resumes from the latest
 checkpoint in `{out_dir}/{phase}-ckpt`.
