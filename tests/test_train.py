@@ -192,6 +192,7 @@ def test_shapes_towers_are_pretrained_then_frozen(tmp_path):
     towers, stage1 = weights(out, "towers"), weights(out, "stage1")
     torch.manual_seed(1337)  # the run's seed: the same random init the tower pretraining started from
     fresh = train.new_shapes_model(train.TrainConfig(preset="shapes", max_len=256)).state_dict()
+    assert all(torch.equal(towers[k], fresh[k]) for k in towers if k.startswith("llm."))  # same init, LM untouched
     encoder = [k for k in towers if k.startswith("encoder.")]
     assert any(not torch.equal(towers[k], fresh[k]) for k in encoder)  # pretraining changed the towers...
     assert all(torch.equal(towers[k], stage1[k]) for k in encoder)  # ...and stage 1 kept them frozen
