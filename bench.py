@@ -325,6 +325,8 @@ def bench_train(argv: list[str]):
     shape on the same token count (bf16 weights, SDPA). Reports tokens/s, MFU (6N + 12LHQT per token, N = LLM
     parameters) and peak memory. Sizes: 3b (Qwen2.5-3B + CLIP-L/14-336 + DINOv2-L/14; the CUDA default), tiny
     (the CPU default). Options: --size --batch=4 --seq=2048 --iters=5 --ac=1 (activation checkpointing, both)
+    --compile=0 (torch.compile each of our LLM blocks, as train.py --compile does) --hf_ac (transformers'
+    checkpointing; default: as --ac) --fsdp=1 (0: ours unsharded with bf16 weights, as transformers runs)
     (CPU: batch 4, seq 256, ac 0)."""
     import os
     import time
@@ -337,7 +339,8 @@ def bench_train(argv: list[str]):
     from model import Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
 
     cuda = torch.cuda.is_available()
-    opts = dict(size="3b" if cuda else "tiny", batch=4, seq=2048 if cuda else 256, iters=5, ac=int(cuda))
+    opts = dict(size="3b" if cuda else "tiny", batch=4, seq=2048 if cuda else 256, iters=5, ac=int(cuda), compile=0,
+                hf_ac=-1, fsdp=1)
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
         if key not in opts:
@@ -363,24 +366,31 @@ def bench_train(argv: list[str]):
         model = TinyGroundingGPT(config)
     train.set_trainable(model, "llm+projector", False)
     model.llm.activation_checkpointing = bool(opts["ac"])
-    train.shard(model, train.TrainConfig(dtype="bfloat16"))
+    if opts["compile"]:
+        for block in model.llm.layers:  # before sharding, as in train.py
+            block.compile()
+    if opts["fsdp"]:
+        train.shard(model, train.TrainConfig(dtype="bfloat16"))
+    elif cuda:
+        model.to(torch.bfloat16)
     B, T, P = opts["batch"], opts["seq"], model.num_image_tokens
     ids = torch.randint(2, llm.vocab_size - 2, (B, T), device=device)
     ids[:, 1:P + 1] = config.image_token_id  # one image per sample, its P placeholder tokens after the first
     labels = ids.masked_fill(ids == config.image_token_id, -100)
     side = towers[0].image_size
-    images = torch.randn(B, len(towers), 3, side, side, device=device)
+    images = torch.randn(B, len(towers), 3, side, side, device=device, dtype=next(model.parameters()).dtype)
 
     def ours_step():
         _, loss = model(ids, labels=labels, images=images)
         loss.backward()
 
-    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
-        num_hidden_layers=llm.num_hidden_layers, num_attention_heads=llm.num_attention_heads,
-        num_key_value_heads=llm.num_key_value_heads, tie_word_embeddings=llm.tie_word_embeddings,
-        attn_implementation="sdpa")).to(device, torch.bfloat16 if cuda else torch.float32)
-    if opts["ac"]:
+    with torch.device(device):
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+            num_hidden_layers=llm.num_hidden_layers, num_attention_heads=llm.num_attention_heads,
+            num_key_value_heads=llm.num_key_value_heads, tie_word_embeddings=llm.tie_word_embeddings,
+            attn_implementation="sdpa")).to(torch.bfloat16 if cuda else torch.float32)
+    if opts["ac"] if opts["hf_ac"] < 0 else opts["hf_ac"]:
         hf.gradient_checkpointing_enable()
     hf.train()
 
@@ -391,16 +401,24 @@ def bench_train(argv: list[str]):
     flops = 6 * params + 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim * T
     peak = train.peak_flops(device)
     print(f"# {opts['size']}: LLM {params / 1e6:,.1f}M params, towers {len(towers)} x {side}px, batch {B} x {T} "
-          f"tokens ({P} image tokens each), activation checkpointing {bool(opts['ac'])}")
+          f"tokens ({P} image tokens each), activation checkpointing: ours {bool(opts['ac'])}, transformers "
+          f"{hf.is_gradient_checkpointing}; compiled blocks (ours) {bool(opts['compile'])}")
     print(f"{'implementation':<34} {'s/step':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
-    for name, step in [("ours (FSDP2 bf16, towers + LLM)", ours_step), ("transformers Qwen2 LM", hf_step)]:
-        step()  # warm-up
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(opts["iters"]):
-            step()
+    ours_name = "ours (FSDP2 bf16, towers + LLM)" if opts["fsdp"] else "ours (unsharded, towers + LLM)"
+    for name, step in [(ours_name, ours_step), ("transformers Qwen2 LM", hf_step)]:
+        try:
+            step()  # warm-up (and compilation)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            for _ in range(opts["iters"]):
+                step()
+        except torch.OutOfMemoryError:
+            print(f"{name:<34} out of memory")
+            model.zero_grad(set_to_none=True)
+            hf.zero_grad(set_to_none=True)
+            continue
         if cuda:
             torch.cuda.synchronize()
         dt = (time.perf_counter() - start) / opts["iters"]

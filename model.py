@@ -156,7 +156,7 @@ class Attention(nn.Module):
             # into the query axis ([B, heads, L, hd] -> [B, kv_heads, group * L, hd], rows ordered (g, l)).
             q = q.reshape(B, self.kv_heads, group * L, self.head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, group, 1))
-            y = y.view(B, self.heads, L, self.head_dim)
+            y = y.reshape(B, self.heads, L, self.head_dim)  # not view: CUDA kernels may return other strides
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1)), probs
 
 
@@ -228,13 +228,14 @@ class Qwen2(nn.Module):
         return self.model.layers
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, positions=None,
-                cache_slots=None, last_only=False, return_last_attn=False):
+                cache_slots=None, last_only=False, return_last_attn=False, hidden_only=False):
         """Logits [B, L, V] (L = 1 with last_only) for input_ids [B, L] or inputs_embeds [B, L, C].
 
         attention_mask: bool, True on real tokens: [B, L], or [B, max_len] over cache slots with a cache.
         positions [B, L]: RoPE positions; default: counted over real tokens (so padding does not shift them).
         cache_slots [L]: write k/v at these slots of the static cache (setup_cache first) and attend over it.
         return_last_attn: also return the last layer's attention probabilities [B, heads, L, S] (eager path).
+        hidden_only: return the final-norm hidden states [B, L, C] instead of logits (see `head`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Qwen2.forward: pass exactly one of input_ids or inputs_embeds")
@@ -263,8 +264,12 @@ class Qwen2(nn.Module):
             else:
                 x, probs = layer(*args)
         x = self.model.norm(x[:, -1:] if last_only else x)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
-        return (logits, probs) if return_last_attn else logits
+        out = x if hidden_only else self.head(x)
+        return (out, probs) if return_last_attn else out
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [..., C] -> logits [..., V] (tied checkpoints reuse the embedding matrix)."""
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> int:
         """Preallocate every layer's KV cache; returns its length. A cache of the same batch size, dtype and
@@ -547,22 +552,25 @@ class TinyGroundingGPT(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, objects=None,
                 return_last_attn=False):
-        """The batch contract of data.py -> (logits [B, L, V], loss or None), plus the last layer's attention
-        probabilities [B, heads, L, L] with return_last_attn. Loss: mean cross-entropy in fp32 of token t+1
-        over the positions whose label is not -100."""
+        """The batch contract of data.py -> (logits, loss or None), plus the last layer's attention
+        probabilities [B, heads, L, L] with return_last_attn. Without labels: logits [B, L, V]. With labels:
+        the loss, the mean cross-entropy in fp32 of token t+1 over the positions whose label is not -100, and
+        the logits [N, V] of those N positions only: the LM head runs nowhere else (image tokens and prompts
+        need none, and the full [B, L, V] logits of Qwen's 152k vocabulary are 5 GB in fp32 at 4 x 2048)."""
         embeds = self.embed(input_ids, images, objects)
         if attention_mask is not None and not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
             # right padding: causal attention alone gives real tokens exactly their outputs (they never see
             # the padding after them), and no mask keeps SDPA on its flash kernel
             attention_mask = None
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, return_last_attn=return_last_attn)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, return_last_attn=return_last_attn,
+                       hidden_only=labels is not None)
         logits, attn = out if return_last_attn else (out, None)
         loss = None
         if labels is not None:
             targets = labels[:, 1:]
             keep = targets != -100  # [B, L-1]
-            loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
-            loss = loss / keep.sum().clamp(min=1)
+            logits = self.llm.head(logits[:, :-1][keep])  # hidden [B, L, C] -> [N, C] -> logits [N, V]
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
         return (logits, loss, attn) if return_last_attn else (logits, loss)
 
     @torch.no_grad()

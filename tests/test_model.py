@@ -257,7 +257,7 @@ def test_tiny_model_overfits_one_batch():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert logits.shape == (2, 27, 64)
+    assert logits.shape == (8, 64)  # with labels: the logits of the 8 labeled positions only
     assert loss.item() < 0.02
     assert all(p.grad is None for p in model.encoder.parameters())  # frozen towers: no_grad
     assert model.projector.fc1.weight.grad is not None
@@ -268,8 +268,10 @@ def test_loss_is_answer_tokens_only_and_right_padding_changes_nothing():
     model = TinyGroundingGPT(tiny_config()).eval()
     batch = tiny_batch()
     with torch.no_grad():
-        logits, loss = model(**batch)
+        logits, _ = model(**{k: v for k, v in batch.items() if k != "labels"})  # all positions: [B, L, V]
+        labeled_logits, loss = model(**batch)  # the head on the labeled positions alone
         keep = batch["labels"][:, 1:] != -100
+        torch.testing.assert_close(labeled_logits, logits[:, :-1][keep], atol=1e-6, rtol=0)
         expected = torch.nn.functional.cross_entropy(logits[:, :-1][keep], batch["labels"][:, 1:][keep])
         torch.testing.assert_close(loss, expected)
         # the unpadded first sample alone: same logits on its real tokens
