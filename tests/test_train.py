@@ -216,6 +216,15 @@ def test_shapes_towers_are_pretrained_then_frozen(tmp_path):
     assert any(not torch.equal(towers[k], stage1[k]) for k in towers if k.startswith("llm."))
 
 
+def test_coordinate_digits_are_the_digits_the_box_text_has():
+    boxes = torch.tensor([[0.372, 0.0, 1.0, 0.999], [0.05, 0.1, 0.5049, 0.6]])
+    tenths, hundredths = train.coordinate_digits(boxes)
+    texts = [[f"{c:.3f}" for c in row] for row in boxes.tolist()]  # "0.372", "1.000", ...
+    assert tenths.tolist() == [[10 if t[0] == "1" else int(t[2]) for t in row] for row in texts]
+    assert hundredths.tolist() == [[int(t[3]) for t in row] for row in texts]
+    assert tenths.tolist() == [[3, 0, 10, 9], [0, 1, 5, 6]]
+
+
 def test_missing_previous_stage_says_what_to_run(tmp_path):
     result = subprocess.run(
         command(["--stage=3", f"--out_dir={tmp_path}", "--data3=x.jsonl"]),
