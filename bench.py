@@ -29,7 +29,7 @@ def bench_encoders(argv: list[str]):
     (--cpu=1 adds the CPU on a GPU machine; at full size it takes minutes per batch).
     Both produce the model's features (hidden_states[-2] patch tokens of each tower, concatenated): ours
     runs the 23 blocks that needs, transformers all 24 with output_hidden_states, as LLaVA-style code does.
-    Options: --batch=32 --iters=3 --warmup=1 --cpu."""
+    Options: --batch=32 --iters=3 --warmup=1 --cpu=0|1."""
     import time
 
     from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
@@ -336,7 +336,7 @@ def bench_train(argv: list[str]):
 
     import train
     from encoders import CLIP_L14_336, DINOV2_L14, VisionConfig
-    from model import Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
+    from model import Qwen2, Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
 
     cuda = torch.cuda.is_available()
     opts = dict(size="3b" if cuda else "tiny", batch=4, seq=2048 if cuda else 256, iters=5, ac=int(cuda), compile=0,
@@ -361,52 +361,53 @@ def bench_train(argv: list[str]):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
         dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = TinyGroundingGPT(config)
-    train.set_trainable(model, "llm+projector", False)
-    model.llm.activation_checkpointing = bool(opts["ac"])
-    if opts["compile"]:
-        for block in model.llm.layers:  # before sharding, as in train.py
-            block.compile()
-    if opts["fsdp"]:
-        train.shard(model, train.TrainConfig(dtype="bfloat16"))
-    elif cuda:
-        model.to(torch.bfloat16)
-    B, T, P = opts["batch"], opts["seq"], model.num_image_tokens
+    B, T = opts["batch"], opts["seq"]
+    P, side = (towers[0].image_size // towers[0].patch_size) ** 2, towers[0].image_size
     ids = torch.randint(2, llm.vocab_size - 2, (B, T), device=device)
     ids[:, 1:P + 1] = config.image_token_id  # one image per sample, its P placeholder tokens after the first
     labels = ids.masked_fill(ids == config.image_token_id, -100)
-    side = towers[0].image_size
-    images = torch.randn(B, len(towers), 3, side, side, device=device, dtype=next(model.parameters()).dtype)
+    hf_ac = bool(opts["ac"] if opts["hf_ac"] < 0 else opts["hf_ac"])
 
-    def ours_step():
-        _, loss = model(ids, labels=labels, images=images)
-        loss.backward()
+    def ours():  # -> one training step (forward + backward) of our model, sharded as train.py does
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = TinyGroundingGPT(config)
+        train.set_trainable(model, "llm+projector", False)
+        model.llm.activation_checkpointing = bool(opts["ac"])
+        if opts["compile"]:
+            for block in model.llm.layers:  # before sharding, as in train.py
+                block.compile()
+        if opts["fsdp"]:
+            train.shard(model, train.TrainConfig(dtype="bfloat16"))
+        elif cuda:
+            model.to(torch.bfloat16)
+        images = torch.randn(B, len(towers), 3, side, side, device=device, dtype=next(model.parameters()).dtype)
+        return lambda: model(ids, labels=labels, images=images)[1].backward()
 
-    with torch.device(device):
-        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
-            num_hidden_layers=llm.num_hidden_layers, num_attention_heads=llm.num_attention_heads,
-            num_key_value_heads=llm.num_key_value_heads, tie_word_embeddings=llm.tie_word_embeddings,
-            attn_implementation="sdpa")).to(torch.bfloat16 if cuda else torch.float32)
-    if opts["ac"] if opts["hf_ac"] < 0 else opts["hf_ac"]:
-        hf.gradient_checkpointing_enable()
-    hf.train()
+    def reference():  # -> one training step of transformers' Qwen2 LM of the same shape, bf16 weights, SDPA
+        with torch.device(device):
+            hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+                vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+                num_hidden_layers=llm.num_hidden_layers, num_attention_heads=llm.num_attention_heads,
+                num_key_value_heads=llm.num_key_value_heads, tie_word_embeddings=llm.tie_word_embeddings,
+                attn_implementation="sdpa")).to(torch.bfloat16 if cuda else torch.float32)
+        if hf_ac:
+            hf.gradient_checkpointing_enable()
+        hf.train()
+        return lambda: hf(input_ids=ids, labels=ids).loss.backward()
 
-    def hf_step():
-        hf(input_ids=ids, labels=ids).loss.backward()
-
-    params = sum(p.numel() for p in model.llm.parameters())
-    flops = 6 * params + 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim * T
+    with torch.device("meta"):  # parameter count without allocating anything
+        n_params = sum(p.numel() for p in Qwen2(llm).parameters())
+    flops = 6 * n_params + 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim * T
     peak = train.peak_flops(device)
-    print(f"# {opts['size']}: LLM {params / 1e6:,.1f}M params, towers {len(towers)} x {side}px, batch {B} x {T} "
-          f"tokens ({P} image tokens each), activation checkpointing: ours {bool(opts['ac'])}, transformers "
-          f"{hf.is_gradient_checkpointing}; compiled blocks (ours) {bool(opts['compile'])}")
+    print(f"# {opts['size']}: LLM {n_params / 1e6:,.1f}M params, towers {len(towers)} x {side}px, batch "
+          f"{B} x {T} tokens ({P} image tokens each), activation checkpointing: ours {bool(opts['ac'])}, "
+          f"transformers {hf_ac}; compiled blocks (ours) {bool(opts['compile'])}; one model on the device at a time")
     print(f"{'implementation':<34} {'s/step':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
     ours_name = "ours (FSDP2 bf16, towers + LLM)" if opts["fsdp"] else "ours (unsharded, towers + LLM)"
-    for name, step in [(ours_name, ours_step), ("transformers Qwen2 LM", hf_step)]:
+    for name, build in [(ours_name, ours), ("transformers Qwen2 LM", reference)]:
         try:
+            step = build()
             step()  # warm-up (and compilation)
             if cuda:
                 torch.cuda.synchronize()
@@ -414,19 +415,17 @@ def bench_train(argv: list[str]):
             start = time.perf_counter()
             for _ in range(opts["iters"]):
                 step()
+            if cuda:
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - start) / opts["iters"]
+            mfu = f"{100 * flops * B * T / dt / peak:5.1f}%" if peak else "    -"
+            mem = f"{torch.cuda.max_memory_allocated() / 2**30:7.1f}GB" if cuda else "       -"
+            print(f"{name:<34} {dt:>8.3f} {B * T / dt:>10,.0f} {mfu:>6} {mem:>9}", flush=True)
         except torch.OutOfMemoryError:
-            print(f"{name:<34} out of memory")
-            model.zero_grad(set_to_none=True)
-            hf.zero_grad(set_to_none=True)
-            continue
+            print(f"{name:<34} out of memory", flush=True)
+        step = None  # free this model (weights, gradients, activations) before the next one is built
         if cuda:
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - start) / opts["iters"]
-        mfu = f"{100 * flops * B * T / dt / peak:5.1f}%" if peak else "    -"
-        mem = f"{torch.cuda.max_memory_allocated() / 2**30:7.1f}GB" if cuda else "       -"
-        print(f"{name:<34} {dt:>8.3f} {B * T / dt:>10,.0f} {mfu:>6} {mem:>9}")
-        model.zero_grad(set_to_none=True)
-        hf.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
     dist.destroy_process_group()
 
 

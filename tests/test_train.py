@@ -22,8 +22,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISI
 COMMON = ["--preset=shapes", "--dtype=float32", "--num_workers=0", "--log_every=1", "--micro_batch_size=4"]
 
 
-def command(args, nproc=1):
-    if nproc == 1:
+def command(args, nproc=1, torchrun=False):
+    if nproc == 1 and not torchrun:
         return [sys.executable, os.path.join(ROOT, "train.py"), *args]
     return [
         sys.executable,
@@ -36,8 +36,8 @@ def command(args, nproc=1):
     ]
 
 
-def run(args, nproc=1, env=ENV):
-    result = subprocess.run(command(args, nproc), env=env, capture_output=True, text=True, timeout=300)
+def run(args, nproc=1, env=ENV, torchrun=False):
+    result = subprocess.run(command(args, nproc, torchrun), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -118,14 +118,16 @@ def test_two_process_fsdp_matches_one_process(init_dir, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_fsdp_bf16_follows_cpu_fp32(init_dir, tmp_path):
-    """The GPU path users run (torchrun, NCCL, FSDP2 with bf16 compute and fp32 master weights and
-    reduction) against its slow twin, one CPU process in fp32, from the same weights on the same batches."""
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_cuda_bf16_follows_cpu_fp32(init_dir, tmp_path, torchrun):
+    """The two GPU paths users run against their slow twin, one CPU process in fp32, from the same weights on
+    the same batches: `python train.py` (one process, bf16 autocast) and `torchrun` (NCCL, FSDP2 with bf16
+    compute, fp32 master weights and reduction)."""
     args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=64,64,64,64", "--batch_size=16",
             "--max_steps=4", "--lr=1e-3"]
     run([*args, f"--out_dir={tmp_path / 'cpu'}"])
     gpu_env = {k: v for k, v in ENV.items() if k != "CUDA_VISIBLE_DEVICES"}
-    log = run([*args, "--dtype=bfloat16", f"--out_dir={tmp_path / 'gpu'}"], nproc=1, env=gpu_env)
+    log = run([*args, "--dtype=bfloat16", f"--out_dir={tmp_path / 'gpu'}"], env=gpu_env, torchrun=torchrun)
     assert "GiB" in log  # the step lines report CUDA memory: it ran on the GPU
     cpu, gpu = losses(tmp_path / "cpu", "stage2"), losses(tmp_path / "gpu", "stage2")
     # bf16 rounds activations to 8 bits of mantissa (~0.4%); over 4 Adam steps the losses stay within ~2%
