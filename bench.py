@@ -444,6 +444,7 @@ def bench_data(argv: list[str]):
 
     import data
     import shapes
+    import train
     from encoders import ImageProcessor, VisionConfig
 
     opts = dict(image_size=112, workers=2, batch=32, batches=40)
@@ -457,16 +458,25 @@ def bench_data(argv: list[str]):
     tok = data.Tokenizer.from_file(shapes.SHAPES_TOKENIZER)
     samples = shapes.ShapesStageData("stage2", batch * (batches + 2 * workers + 2))
     dataset = data.SFTDataset(samples, tok, ImageProcessor(configs), (size // 14) ** 2, 16, max_len=4096)
-    it = iter(data.make_loader(dataset, batch, workers))
+    lengths = dataset.lengths
+
+    def step_batches(group: int):  # train.py's data order: one process, no gradient accumulation
+        return train.StepBatches(lengths, batch, batch, 0, 1, seed=0, start_step=0,
+                                 total_steps=len(lengths) // batch, group=group)
+
+    def padding(group: int) -> float:  # share of the token slots of the padded batches that are padding
+        slots = sum(len(b) * max(lengths[i] for i in b) for b in step_batches(group))
+        return 1.0 - sum(lengths[i] for b in step_batches(group) for i in b) / slots
+
+    it = iter(torch.utils.data.DataLoader(dataset, batch_sampler=step_batches(16), collate_fn=data.collate,
+                                          num_workers=workers))
     for _ in range(2 * workers):
         next(it)
     start = time.time()
     for _ in range(batches):
         next(it)
     rate = batches * batch / (time.time() - start)
-    lengths = dataset.lengths
-    grouped = data.padding_fraction(list(data.LengthGroupedBatchSampler(lengths, batch)), lengths)
-    plain = data.padding_fraction(list(data.LengthGroupedBatchSampler(lengths, batch, group=1)), lengths)
+    grouped, plain = padding(16), padding(1)
     print(f"{size} px, 2 towers, {workers} workers, batch {batch}: {rate:.0f} samples/s; padding "
           f"{100 * grouped:.1f}% of token slots with length grouping, {100 * plain:.1f}% without")
 

@@ -12,7 +12,6 @@ Pickle note: RefCOCO's refs(unc|umd).p are pickles, so reading one runs code: re
 """
 
 import json
-import math
 import os
 import pickle
 import random
@@ -738,54 +737,6 @@ def collate(items: list[dict]) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "images": torch.cat(images) if images else None,  # [NI, T, 3, S, S]
             "objects": torch.cat(objects) if objects else None}  # [NO, T, 3, S, S]
-
-
-class LengthGroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches of similar length: shuffle, cut into mega-batches of `group` batches, sort each by length,
-    split into batches, shuffle the batches. Deterministic per (seed, epoch): call set_epoch per epoch."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group: int = 32,
-                 drop_last: bool = True):
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
-        self.drop_last, self.epoch = drop_last, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self):
-        n = len(self.lengths)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
-        mega = self.batch_size * self.group
-        batches = []
-        for start in range(0, len(order), mega):
-            chunk = sorted(order[start:start + mega], key=lambda i: self.lengths[i])
-            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
-        if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
-        for k in torch.randperm(len(batches), generator=g).tolist():
-            yield batches[k]
-
-
-def padding_fraction(batches, lengths: list[int]) -> float:
-    """Share of the token slots of padded batches that are padding."""
-    slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return 1.0 - sum(lengths[i] for b in batches for i in b) / slots
-
-
-def make_loader(dataset: SFTDataset, batch_size: int, num_workers: int = 2, seed: int = 0,
-                group_by_length: bool = True, drop_last: bool = True) -> torch.utils.data.DataLoader:
-    """A DataLoader over `dataset` with length-grouped (or plain shuffled) batches and `collate`."""
-    if group_by_length:
-        sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, seed, drop_last=drop_last)
-    else:
-        shuffled = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        sampler = torch.utils.data.BatchSampler(shuffled, batch_size, drop_last)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                       num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
 # ----------------------------------------------------------------------------- commands

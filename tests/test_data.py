@@ -353,18 +353,9 @@ def test_collate_gives_the_batch_contract():
     assert dataset.lengths == [n0, int(batch["attention_mask"][1].sum())]
 
 
-def test_length_grouped_batches_and_shapes_loader():
-    lengths = [random.Random(i).randint(10, 500) for i in range(512)]
-    sampler = data.LengthGroupedBatchSampler(lengths, 16, seed=1)
-    batches = list(sampler)
-    assert batches == list(data.LengthGroupedBatchSampler(lengths, 16, seed=1))
-    assert sorted(i for b in batches for i in b) == list(range(512))
-    sampler.set_epoch(1)
-    assert list(sampler) != batches
-    shuffled = list(data.LengthGroupedBatchSampler(lengths, 16, seed=1, group=1))
-    assert data.padding_fraction(batches, lengths) < 0.1 < data.padding_fraction(shuffled, lengths)
+def test_shapes_stage2_through_a_dataloader():
     tok = Tokenizer.from_file(shapes.SHAPES_TOKENIZER)
     dataset = data.SFTDataset(shapes.ShapesStageData("stage2", 64, seed=0), tok, tiny_processor(), 4, 1)
-    batch = next(iter(data.make_loader(dataset, 8, num_workers=0)))
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=data.collate)))
     assert batch["images"].shape == (8, 2, 3, 28, 28)
     assert (batch["labels"] != IGNORE).any(1).all()
