@@ -86,7 +86,6 @@ REC_PROMPT = "Output the coordinate of {}"  # the paper's REC prompt; training a
 IGNORE = -100  # label of tokens without loss
 MARKER_RE = re.compile(r"(<image>|<object>)")
 ROLES = {"human": "user", "gpt": "assistant"}
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Tokenizer:

@@ -101,8 +101,6 @@ def download_weights(session: requests.Session, repo: str, out_dir: Path) -> lis
             path = download_file(session, repo, name, out_dir)
         except NotOnHub:
             continue
-        if name == "pytorch_model.bin":
-            print(f"{repo} has no safetensors; convert once with: python encoders.py convert {out_dir}")
         if not name.endswith(".index.json"):
             return [path]
         try:

@@ -3,16 +3,14 @@ checkpoints, plus the multi-scale encoder that runs both on one image and concat
 
 Numerics follow transformers' CLIPVisionModel / Dinov2Model (the parity tests check this to 1e-5 in fp32).
 Features are `hidden_states[layer][:, 1:]` as transformers indexes them: 0 = embeddings (CLIP: after
-pre_layrnorm), -1 = last block, never a final norm; only the blocks needed are run.
-
-    python encoders.py convert DIR     # DIR/pytorch_model.bin -> DIR/model.safetensors (one time)
+pre_layrnorm), -1 = last block, never a final norm; only the blocks needed are run. Checkpoints are read
+from model.safetensors (or its shards), else from pytorch_model.bin (as some CLIP snapshots come).
 """
 
 import json
 import math
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -349,17 +346,6 @@ def load_vision_tower(path: str, dtype=torch.float32, device="cpu", image_size: 
     return tower.eval()
 
 
-def convert_to_safetensors(path: str) -> str:
-    """Write DIR/model.safetensors from DIR/pytorch_model.bin (same keys, same dtypes); returns its path."""
-    src, dst = os.path.join(path, "pytorch_model.bin"), os.path.join(path, "model.safetensors")
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f"{src} not found: nothing to convert")
-    state = torch.load(src, map_location="cpu", weights_only=True)
-    # clone: .bin files may share storage between tensors, which safetensors refuses
-    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, dst, metadata={"format": "pt"})
-    return dst
-
-
 # ----------------------------------------------------------------------------- images
 
 
@@ -442,8 +428,3 @@ class MultiScaleEncoder(nn.Module):
             raise ValueError(f"pixels must be [B, {len(self.towers)}, 3, S, S], got {tuple(pixels.shape)}")
         return torch.cat([tower(pixels[:, t]) for t, tower in enumerate(self.towers)], dim=-1)
 
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "convert":
-        sys.exit("usage: python encoders.py convert DIR   (DIR/pytorch_model.bin -> DIR/model.safetensors)")
-    print(f"wrote {convert_to_safetensors(sys.argv[2])}")

@@ -195,8 +195,7 @@ def attention_map(session: Session, source: str) -> torch.Tensor:
 
 def draw_heat_map(image: Image.Image, heat: torch.Tensor) -> Image.Image:
     """Heat map [side, side] on the padded square, blended over the image, cropped back to the image."""
-    square = data.pad_offsets(*image.size)[0]
-    _, left, top = data.pad_offsets(*image.size)
+    square, left, top = data.pad_offsets(*image.size)
     h = (heat.clamp(0, 1) * 255).byte().numpy()
     mask = Image.fromarray(h, mode="L").resize((square, square), Image.BICUBIC)
     red = Image.new("RGB", (square, square), (255, 40, 0))

@@ -5,8 +5,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -33,7 +31,6 @@ from encoders import (
     MultiScaleEncoder,
     VisionConfig,
     VisionTower,
-    convert_to_safetensors,
     crop_object,
     load_vision_tower,
     pad_to_square,
@@ -215,21 +212,6 @@ def test_other_model_type(dino_copy):
     (dino_copy / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(ValueError, match="model_type 'llama' is not a vision tower"):
         load_vision_tower(str(dino_copy))
-
-
-def test_convert_bin_to_safetensors(checkpoints, tmp_path):
-    root, refs = checkpoints
-    shutil.copytree(root / "clip_bin", tmp_path / "clip")
-    subprocess.run([sys.executable, os.path.join(ROOT, "encoders.py"), "convert", str(tmp_path / "clip")],
-                   check=True, capture_output=True)
-    os.remove(tmp_path / "clip" / "pytorch_model.bin")
-    tower = load_vision_tower(str(tmp_path / "clip"))
-    pixels = torch.randn(1, 3, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(tower(pixels), reference_states(refs["clip_bin"], pixels)[-2][:, 1:],
-                                   atol=1e-5, rtol=0)
-    with pytest.raises(FileNotFoundError, match="nothing to convert"):
-        convert_to_safetensors(str(tmp_path / "clip"))
 
 
 # ----------------------------------------------------------------------------- images
