@@ -280,7 +280,8 @@ def checkpoint_files(path: str) -> tuple[dict[str, str], Callable[[str], torch.T
                 sources = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
             absent = sorted({file for file in sources.values() if not os.path.isfile(file)})
             if absent:
-                raise FileNotFoundError(f"shards listed in {index} not found: {absent}")
+                raise FileNotFoundError(f"shards listed in {index} not found: {absent} (an interrupted download? "
+                                        "fetch the snapshot again)")
         handles = {}
 
         def get(key):
@@ -292,7 +293,7 @@ def checkpoint_files(path: str) -> tuple[dict[str, str], Callable[[str], torch.T
         state = torch.load(bin_file, map_location="cpu", weights_only=True)
         return dict.fromkeys(state, bin_file), state.__getitem__
     raise FileNotFoundError(f"no weights in {path}: expected model.safetensors, model.safetensors.index.json "
-                            "(+ shards) or pytorch_model.bin")
+                            "(+ shards) or pytorch_model.bin (download the snapshot with download.py)")
 
 
 def load_vision_tower(path: str, dtype=torch.float32, device="cpu", image_size: int | None = None

@@ -18,10 +18,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from encoders import MultiScaleEncoder, VisionConfig
+from encoders import MultiScaleEncoder, VisionConfig, checkpoint_files
 
 # ----------------------------------------------------------------------------- Qwen2.5 language model
 
@@ -367,50 +366,31 @@ def init_weights(module: nn.Module):
 # ----------------------------------------------------------------------------- strict checkpoint loading
 
 
-def safetensors_files(path: str) -> list[str]:
-    """The weight files of a Hub-style directory: model.safetensors, or the shards its index lists."""
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        if missing := [s for s in shards if not os.path.isfile(os.path.join(path, s))]:
-            raise FileNotFoundError(f"{index} lists shards that are missing in {path}: {missing} "
-                                    "(an interrupted download? fetch the snapshot again)")
-        return [os.path.join(path, s) for s in shards]
-    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors, or model.safetensors.index"
-                            ".json with its shards (download the snapshot with download.py)")
-
-
-def load_strict(model: nn.Module, files: list[str], dtype, device, skip: set[str] = frozenset()):
-    """Fill every entry of model.state_dict() from safetensors `files`, floats cast to `dtype`. Every
-    checkpoint tensor must be used or in `skip`, every entry filled, every shape equal; otherwise a
-    ValueError names the keys and files. The model may live on the meta device (tensors are assigned)."""
+def load_strict(model: nn.Module, path: str, dtype, device, skip: set[str] = frozenset()):
+    """Fill every entry of model.state_dict() from the checkpoint in directory `path` (any Hub layout, see
+    encoders.checkpoint_files), floats cast to `dtype`. Every checkpoint tensor must be used or in `skip`,
+    every entry filled, every shape equal; otherwise a ValueError names the keys and files. The model may
+    live on the meta device (tensors are assigned)."""
     expected = model.state_dict()
+    sources, get = checkpoint_files(path)
     state, unexpected, bad_shapes, bad_keys = {}, [], [], set()
-    for file in files:
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                if key in skip:
-                    continue
-                if key not in expected:
-                    unexpected.append(f"{key} (in {file})")
-                    continue
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(expected[key].shape):
-                    bad_shapes.append(f"{key} in {file}: {list(shape)}, expected {list(expected[key].shape)}")
-                    bad_keys.add(key)
-                    continue
-                t = f.get_tensor(key)
-                state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    for key, file in sources.items():
+        if key in skip:
+            continue
+        if key not in expected:
+            unexpected.append(f"{key} (in {file})")
+            continue
+        t = get(key)
+        if t.shape != expected[key].shape:
+            bad_shapes.append(f"{key} in {file}: {list(t.shape)}, expected {list(expected[key].shape)}")
+            bad_keys.add(key)
+            continue
+        state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     missing = sorted(set(expected) - set(state) - bad_keys)
     problems = {"missing tensors": missing, "unexpected tensors": unexpected, "wrong shapes": bad_shapes}
     if any(problems.values()):
         listing = lambda keys: f"{keys[:10]}" + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
-        raise ValueError(f"weights in {sorted(set(map(os.path.dirname, files)))} do not match the model "
-                         "built from its config.json:\n  " +
+        raise ValueError(f"weights in {path} do not match the model built from its config.json:\n  " +
                          "\n  ".join(f"{what}: {listing(keys)}" for what, keys in problems.items() if keys))
     model.load_state_dict(state, strict=True, assign=True)
 
@@ -422,11 +402,10 @@ def load_qwen2(path: str, dtype=torch.float32, device="cpu") -> Qwen2:
         raise FileNotFoundError(f"{config_file} not found: point at a Qwen2.5 snapshot (see download.py)")
     with open(config_file) as f:
         config = Qwen2Config.from_hf(json.load(f), config_file)
-    files = safetensors_files(path)
     with torch.device("meta"):
         model = Qwen2(config)
     # a tied checkpoint may still carry lm_head.weight (a copy of the embedding): deliberately unused
-    load_strict(model, files, dtype, device, skip={"lm_head.weight"} if config.tie_word_embeddings else set())
+    load_strict(model, path, dtype, device, skip={"lm_head.weight"} if config.tie_word_embeddings else set())
     return model.eval()
 
 
@@ -631,7 +610,7 @@ class TinyGroundingGPT(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         # assign=True; the towers' load hook then recomputes their resized position tables
-        load_strict(model, [os.path.join(directory, "model.safetensors")], dtype, device)
+        load_strict(model, directory, dtype, device)
         return model.eval()
 
     @classmethod
