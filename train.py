@@ -14,6 +14,7 @@ Precision policy (one place): fp32 master weights and optimizer state; bf16 comp
 autocast when not sharded); gradients reduced in fp32; norms, softmax and the loss computed in fp32 by model.py.
 """
 
+import argparse
 import dataclasses
 import json
 import math
@@ -111,43 +112,25 @@ SHAPES_PHASES = {  # from-scratch weights need far larger learning rates than fi
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
-    """`--key=value` or `--key value` for every TrainConfig field; unknown keys and bad types are errors."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    pairs, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            sys.exit(f"error: unexpected argument {arg!r}; use --key=value (keys: {', '.join(fields)})")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            key, value = arg[2:], argv[i + 1]
-            i += 1
-        else:
-            key, value = arg[2:], "true"
-        pairs.append((key.replace("-", "_"), value))
-        i += 1
-    preset = dict(pairs).get("preset", "paper")
-    cfg = TrainConfig(**(SHAPES_PRESET if preset == "shapes" else {}))
-    for key, value in pairs:
-        if key not in fields:
-            sys.exit(f"error: unknown option --{key}; valid options: {', '.join(fields)}")
-        typ = type(getattr(cfg, key))
-        try:
-            if typ is bool:
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(value)
-                parsed = value.lower() in ("1", "true", "yes")
-            else:
-                parsed = typ(value)
-        except ValueError:
-            sys.exit(f"error: --{key}={value!r} is not a valid {typ.__name__}")
-        setattr(cfg, key, parsed)
-    if cfg.stage not in STAGE_PHASES:
-        sys.exit(f"error: --stage must be one of {', '.join(STAGE_PHASES)}, got {cfg.stage!r}")
-    if cfg.preset not in ("paper", "shapes"):
-        sys.exit(f"error: --preset must be 'paper' or 'shapes', got {cfg.preset!r}")
-    return cfg
+    """`--key=value` or `--key value` for every TrainConfig field (a bare `--flag` sets it true; `--out-dir`
+    spells `--out_dir` too); unknown keys and bad values are errors; `--help` lists every key and default."""
+
+    def boolean(text: str) -> bool:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of 1/0/true/false/yes/no")
+        return text.lower() in ("1", "true", "yes")
+
+    parser = argparse.ArgumentParser(prog="train.py", usage="%(prog)s [--key=value ...]  (--help lists every key)",
+                                     description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    choices = {"stage": list(STAGE_PHASES), "preset": ["paper", "shapes"]}
+    for f in dataclasses.fields(TrainConfig):
+        names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
+        flag = isinstance(f.default, bool)
+        kind = dict(type=boolean, nargs="?", const=True) if flag else dict(type=type(f.default))
+        parser.add_argument(*names, dest=f.name, default=None, choices=choices.get(f.name),
+                            help=f"default: {f.default}", **kind)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return TrainConfig(**{**(SHAPES_PRESET if given.get("preset") == "shapes" else {}), **given})
 
 
 @dataclass
