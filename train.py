@@ -73,6 +73,7 @@ class TrainConfig:
     ckpt_every: int = 200  # optimizer steps between resumable checkpoints (and one at the end)
     # shapes preset only
     tower_steps: int = 400  # steps of batch 64 pretraining the tiny towers before stage 1 (0: none)
+    tower_digits: bool = True  # the towers also learn the digits each box coordinate is written with
     train_towers: bool = False  # also train the towers in the stages (the paper freezes them)
     shapes_samples: str = "3200,3200,28800,6400"  # samples per epoch: stage1 pretrain, finetune, 2, 3
 
@@ -485,7 +486,8 @@ def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
         optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
         dataset = shapes.TowerData(cfg.tower_steps * batch_size, ImageProcessor(model.config.vision), grid, cfg.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers)
-        print(f"towers: {cfg.tower_steps} steps of {batch_size} scenes, per-patch class + box + digits, lr {peak:g}")
+        targets = "class + box" + (" + digits" if cfg.tower_digits else "")
+        print(f"towers: {cfg.tower_steps} steps of {batch_size} scenes, per-patch {targets}, lr {peak:g}")
         t_start = time.time()
         for step, batch in enumerate(loader):
             pixels, target_class, target_box = (t.to(device, non_blocking=True) for t in batch)
@@ -503,7 +505,7 @@ def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
                 digit_loss = F.cross_entropy(tenths_logits, tenths.flatten()) + F.cross_entropy(
                     hundredths_logits[on_object].view(-1, 10), hundredths.flatten())
                 # x10: box errors are fractions of the side (~0.5 at init, ~0.02 trained), class losses ~3 -> ~0.1
-                loss = loss + class_loss + 10 * box_error + digit_loss
+                loss = loss + class_loss + 10 * box_error + (digit_loss if cfg.tower_digits else 0.0)
                 tenths_accuracy = (tenths_logits.argmax(-1) == tenths.flatten()).float().mean()
                 report.append((tower.config.kind, (logits.argmax(-1) == target_class).float().mean(), box_error,
                                tenths_accuracy))
