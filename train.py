@@ -73,7 +73,7 @@ class TrainConfig:
     ckpt_every: int = 200  # optimizer steps between resumable checkpoints (and one at the end)
     # shapes preset only
     tower_steps: int = 400  # steps of batch 64 pretraining the tiny towers before stage 1 (0: none)
-    tower_digits: bool = True  # the towers also learn the digits each box coordinate is written with
+    tower_digits: bool = False  # the towers also learn the digits of each box coordinate (helps short runs only)
     train_towers: bool = False  # also train the towers in the stages (the paper freezes them)
     shapes_samples: str = "3200,3200,28800,6400"  # samples per epoch: stage1 pretrain, finetune, 2, 3
 
@@ -463,10 +463,9 @@ def coordinate_digits(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
     """The shapes world's stand-in for CLIP's and DINOv2's pretraining, so that its stages, like the paper's,
     start from frozen towers whose patch features already say what is where: each tower learns, per patch,
-    the class of the object there (colour x shape, or background), that object's box, and the digits the box
-    is written with (tenths, hundredths), through a linear head that is thrown away. Without it the LM must
-    learn to see and to ground at once, and stalls (README); the digit terms doubled the REC a short run
-    reached (README).
+    the class of the object there (colour x shape, or background) and that object's box (and, with
+    tower_digits, the digits the box is written with), through a linear head that is thrown away. Without it
+    the LM must learn to see and to ground at once, and stalls (README).
     Rank 0 trains (minutes; not checkpointed: a rerun after a crash starts it over); the stages then start from
     the exported `{out_dir}/towers`."""
     out = os.path.join(cfg.out_dir, "towers")
@@ -480,13 +479,14 @@ def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
         towers, grid, batch_size, peak = model.encoder.towers, model.encoder.towers[0].grid, 64, 2e-3
         towers.requires_grad_(True).train()  # the model holds its towers frozen (config.train_towers)
         classes = 1 + len(shapes.CATEGORIES)
-        outputs = [classes, 4, 4 * 11, 4 * 10]  # class logits, box, tenths logits, hundredths logits
+        digits = [4 * 11, 4 * 10] if cfg.tower_digits else []  # tenths, hundredths logits of the 4 coordinates
+        outputs = [classes, 4, *digits]
         heads = torch.nn.ModuleList(torch.nn.Linear(t.config.hidden_size, sum(outputs)) for t in towers).to(device)
         params = [*towers.parameters(), *heads.parameters()]
         optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
         dataset = shapes.TowerData(cfg.tower_steps * batch_size, ImageProcessor(model.config.vision), grid, cfg.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers)
-        targets = "class + box" + (" + digits" if cfg.tower_digits else "")
+        targets = "class + box" + (" + digits" if digits else "")
         print(f"towers: {cfg.tower_steps} steps of {batch_size} scenes, per-patch {targets}, lr {peak:g}")
         t_start = time.time()
         for step, batch in enumerate(loader):
@@ -495,28 +495,27 @@ def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, report, on_object = 0.0, [], target_class > 0  # [B, P]
-            tenths, hundredths = coordinate_digits(target_box[on_object])  # [N, 4] each, N object patches
             for t, (tower, head) in enumerate(zip(towers, heads)):
-                # [B, P, classes], [B, P, 4], [B, P, 44], [B, P, 40]
-                logits, box, tenths_logits, hundredths_logits = head(tower(pixels[:, t])).split(outputs, dim=-1)
+                # [B, P, classes], [B, P, 4], and with digits [B, P, 44], [B, P, 40]
+                logits, box, *digit_logits = head(tower(pixels[:, t])).split(outputs, dim=-1)
                 class_loss = F.cross_entropy(logits.flatten(0, 1), target_class.flatten())
                 box_error = (box[on_object] - target_box[on_object]).abs().mean()  # L1 in units of the side
-                tenths_logits = tenths_logits[on_object].view(-1, 11)  # [N * 4, 11]
-                digit_loss = F.cross_entropy(tenths_logits, tenths.flatten()) + F.cross_entropy(
-                    hundredths_logits[on_object].view(-1, 10), hundredths.flatten())
                 # x10: box errors are fractions of the side (~0.5 at init, ~0.02 trained), class losses ~3 -> ~0.1
-                loss = loss + class_loss + 10 * box_error + (digit_loss if cfg.tower_digits else 0.0)
-                tenths_accuracy = (tenths_logits.argmax(-1) == tenths.flatten()).float().mean()
-                report.append((tower.config.kind, (logits.argmax(-1) == target_class).float().mean(), box_error,
-                               tenths_accuracy))
+                loss = loss + class_loss + 10 * box_error
+                report.append(f"{tower.config.kind} acc {(logits.argmax(-1) == target_class).float().mean():.3f} "
+                              f"box L1 {box_error:.3f}")
+                for name, n, pred, target in zip(("tenths", "hundredths"), (11, 10), digit_logits,
+                                                 coordinate_digits(target_box[on_object])):  # targets [N, 4]
+                    pred = pred[on_object].view(-1, n)  # [N * 4, n]
+                    loss = loss + F.cross_entropy(pred, target.flatten())
+                    report[-1] += f" {name} {(pred.argmax(-1) == target.flatten()).float().mean():.3f}"
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             if step % cfg.log_every == 0 or step + 1 == cfg.tower_steps:
                 print(f"towers {step + 1:>6}/{cfg.tower_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                      + " | ".join(f"{kind} acc {a:.3f} box L1 {l1:.3f} tenths {d:.3f}" for kind, a, l1, d in report),
-                      flush=True)
+                      + " | ".join(report), flush=True)
         model.save_pretrained(out, shapes.SHAPES_TOKENIZER)
         print(f"towers: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}")
     barrier()

@@ -201,10 +201,12 @@ def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
     assert not changed(stage1, stage2, "encoder.")  # stage 2 started from stage 1's export, towers frozen
 
 
-def test_shapes_towers_are_pretrained_then_frozen(tmp_path):
+@pytest.mark.parametrize("digits", [False, True])
+def test_shapes_towers_are_pretrained_then_frozen(tmp_path, digits):
     out = tmp_path / "run"
     log = run([*COMMON, "--stage=1", f"--out_dir={out}", "--tower_steps=40", "--shapes_samples=16,16,16,16",
-               "--batch_size=8", "--max_steps=1"])
+               "--batch_size=8", "--max_steps=1", f"--tower_digits={digits}"])
+    assert ("tenths" in log) == digits
     tower_losses = [float(x) for x in re.findall(r"^towers +\d+/40 \| loss ([0-9.]+)", log, re.M)]
     assert len(tower_losses) == 40
     assert sum(tower_losses[-5:]) < 0.8 * sum(tower_losses[:5]), tower_losses  # the dense objective learns
