@@ -79,7 +79,7 @@ def blob(n, seed=0):
     return random.Random(seed).randbytes(n)
 
 
-def test_all_bundle_single_file_and_bin_fallback(hub, tmp_path, capsys):
+def test_all_bundle_single_file_and_bin_fallback(hub, tmp_path):
     qwen, clip, dino = (download.MODELS[n][0] for n in ("qwen2.5-0.5b", "clip-l-336", "dinov2-l"))
     want = {
         "qwen2.5-0.5b": {f: hub.add(qwen, f, blob(n, i)) for i, (f, n) in enumerate(
