@@ -328,6 +328,7 @@ def bench_train(argv: list[str]):
     --compile=0 (torch.compile each of our LLM blocks, as train.py --compile does) --hf_ac (transformers'
     checkpointing; default: as --ac) --fsdp=1 (0: ours unsharded with bf16 weights, as transformers runs)
     (CPU: batch 4, seq 256, ac 0)."""
+    import gc
     import os
     import time
 
@@ -362,6 +363,7 @@ def bench_train(argv: list[str]):
         os.environ.setdefault("MASTER_PORT", "29517")
         dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
     B, T = opts["batch"], opts["seq"]
+    torch.manual_seed(0)
     P, side = (towers[0].image_size // towers[0].patch_size) ** 2, towers[0].image_size
     ids = torch.randint(2, llm.vocab_size - 2, (B, T), device=device)
     ids[:, 1:P + 1] = config.image_token_id  # one image per sample, its P placeholder tokens after the first
@@ -423,7 +425,9 @@ def bench_train(argv: list[str]):
             print(f"{name:<34} {dt:>8.3f} {B * T / dt:>10,.0f} {mfu:>6} {mem:>9}", flush=True)
         except torch.OutOfMemoryError:
             print(f"{name:<34} out of memory", flush=True)
-        step = None  # free this model (weights, gradients, activations) before the next one is built
+        step = None  # free this model (weights, gradients, activations) before the next one is built:
+        torch._dynamo.reset()  # compiled code holds the blocks,
+        gc.collect()  # and FSDP2's hooks make reference cycles
         if cuda:
             torch.cuda.empty_cache()
     dist.destroy_process_group()

@@ -396,7 +396,8 @@ def load_strict(model: nn.Module, path: str, dtype, device, skip: set[str] = fro
 
 
 def load_qwen2(path: str, dtype=torch.float32, device="cpu") -> Qwen2:
-    """Qwen2 / Qwen2.5 from a Hub-style directory (config.json + model.safetensors or shards + index)."""
+    """Qwen2 / Qwen2.5 from a Hub-style directory: config.json + model.safetensors, or shards + index, or
+    pytorch_model.bin."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{config_file} not found: point at a Qwen2.5 snapshot (see download.py)")

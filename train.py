@@ -122,7 +122,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
         return text.lower() in ("1", "true", "yes")
 
     parser = argparse.ArgumentParser(prog="train.py", usage="%(prog)s [--key=value ...]  (--help lists every key)",
-                                     description=__doc__.split("\n\n")[0], allow_abbrev=False)
+                                     description=(__doc__ or "").split("\n\n")[0], allow_abbrev=False)
     choices = {"stage": list(STAGE_PHASES), "preset": ["paper", "shapes"]}
     for f in dataclasses.fields(TrainConfig):
         names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
@@ -130,7 +130,13 @@ def parse_args(argv: list[str]) -> TrainConfig:
         kind = dict(type=boolean, nargs="?", const=True) if flag else dict(type=type(f.default))
         parser.add_argument(*names, dest=f.name, default=None, choices=choices.get(f.name),
                             help=f"default: {f.default}", **kind)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    joined, i = [], 0  # "--key value" -> "--key=value", so that values may start with "-" (--lr -1e-3)
+    while i < len(argv):
+        arg = argv[i]
+        pair = arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        joined.append(f"{arg}={argv[i + 1]}" if pair else arg)
+        i += 2 if pair else 1
+    given = {k: v for k, v in vars(parser.parse_args(joined)).items() if v is not None}
     return TrainConfig(**{**(SHAPES_PRESET if given.get("preset") == "shapes" else {}), **given})
 
 
@@ -495,6 +501,7 @@ def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, report, on_object = 0.0, [], target_class > 0  # [B, P]
+            digit_targets = coordinate_digits(target_box[on_object]) if digits else ()  # tenths, hundredths [N, 4]
             for t, (tower, head) in enumerate(zip(towers, heads)):
                 # [B, P, classes], [B, P, 4], and with digits [B, P, 44], [B, P, 40]
                 logits, box, *digit_logits = head(tower(pixels[:, t])).split(outputs, dim=-1)
@@ -502,20 +509,20 @@ def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
                 box_error = (box[on_object] - target_box[on_object]).abs().mean()  # L1 in units of the side
                 # x10: box errors are fractions of the side (~0.5 at init, ~0.02 trained), class losses ~3 -> ~0.1
                 loss = loss + class_loss + 10 * box_error
-                report.append(f"{tower.config.kind} acc {(logits.argmax(-1) == target_class).float().mean():.3f} "
-                              f"box L1 {box_error:.3f}")
-                for name, n, pred, target in zip(("tenths", "hundredths"), (11, 10), digit_logits,
-                                                 coordinate_digits(target_box[on_object])):  # targets [N, 4]
+                metrics = {"acc": (logits.argmax(-1) == target_class).float().mean(), "box L1": box_error}
+                for name, n, pred, target in zip(("tenths", "hundredths"), (11, 10), digit_logits, digit_targets):
                     pred = pred[on_object].view(-1, n)  # [N * 4, n]
                     loss = loss + F.cross_entropy(pred, target.flatten())
-                    report[-1] += f" {name} {(pred.argmax(-1) == target.flatten()).float().mean():.3f}"
+                    metrics[name] = (pred.argmax(-1) == target.flatten()).float().mean()
+                report.append((tower.config.kind, metrics))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             if step % cfg.log_every == 0 or step + 1 == cfg.tower_steps:
-                print(f"towers {step + 1:>6}/{cfg.tower_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                      + " | ".join(report), flush=True)
+                towers_line = " | ".join(kind + "".join(f" {k} {v:.3f}" for k, v in m.items()) for kind, m in report)
+                print(f"towers {step + 1:>6}/{cfg.tower_steps} | loss {loss.item():.4f} | lr {lr:.2e} | {towers_line}",
+                      flush=True)
         model.save_pretrained(out, shapes.SHAPES_TOKENIZER)
         print(f"towers: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}")
     barrier()

@@ -60,6 +60,9 @@ def weights(out_dir, phase):
 def test_parse_args_rejects_unknown_keys_and_bad_types():
     cfg = train.parse_args(["--stage", "2", "--lr=1e-4", "--compile"])
     assert (cfg.stage, cfg.lr, cfg.compile) == ("2", 1e-4, True)
+    cfg = train.parse_args(["--lr", "-1e-3", "--compile", "--out-dir", "x", "--micro_batch_size=2", "--preset=shapes"])
+    assert (cfg.lr, cfg.compile, cfg.out_dir, cfg.micro_batch_size) == (-1e-3, True, "x", 2)
+    assert (cfg.dtype, cfg.length_group) == ("float32", 1)  # the preset's defaults, under the user's overrides
     for bad in (["--nope=1"], ["--lr=fast"], ["--stage=4"], ["--compile=maybe"]):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
