@@ -544,12 +544,12 @@ class TinyGroundingGPT(nn.Module):
             attention_mask = None
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, return_last_attn=return_last_attn,
                        hidden_only=labels is not None)
-        logits, attn = out if return_last_attn else (out, None)
+        logits, attn = out if return_last_attn else (out, None)  # with labels: hidden states [B, L, C]
         loss = None
         if labels is not None:
             targets = labels[:, 1:]
             keep = targets != -100  # [B, L-1]
-            logits = self.llm.head(logits[:, :-1][keep])  # hidden [B, L, C] -> [N, C] -> logits [N, V]
+            logits = self.llm.head(logits[:, :-1][keep])  # [N, C] -> logits [N, V]
             loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
         return (logits, loss, attn) if return_last_attn else (logits, loss)
 
