@@ -328,7 +328,7 @@ def bench_train(argv: list[str]):
     --compile=0 (torch.compile each of our LLM blocks, as train.py --compile does) --hf_ac (transformers'
     checkpointing; default: as --ac) --fsdp=1 (0: ours unsharded with bf16 weights, as transformers runs)
     --reshard (FSDP2 reshard after forward; default: train.py's, only with several processes) --hf=1 (0: ours
-    only) (CPU: batch 4, seq 256, ac 0)."""
+    only) --profile=0 (N: profile one more step, print its N costliest kernels) (CPU: batch 4, seq 256, ac 0)."""
     import gc
     import os
     import time
@@ -342,7 +342,7 @@ def bench_train(argv: list[str]):
 
     cuda = torch.cuda.is_available()
     opts = dict(size="3b" if cuda else "tiny", batch=4, seq=2048 if cuda else 256, iters=5, ac=int(cuda), compile=0,
-                hf_ac=-1, fsdp=1, reshard=-1, hf=1)
+                hf_ac=-1, fsdp=1, reshard=-1, hf=1, profile=0)
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
         if key not in opts:
@@ -426,6 +426,12 @@ def bench_train(argv: list[str]):
             mfu = f"{100 * flops * B * T / dt / peak:5.1f}%" if peak else "    -"
             mem = f"{torch.cuda.max_memory_allocated() / 2**30:7.1f}GB" if cuda else "       -"
             print(f"{name:<34} {dt:>8.3f} {B * T / dt:>10,.0f} {mfu:>6} {mem:>9}", flush=True)
+            if opts["profile"]:  # where one more step's time goes: the kernels that took the most of it
+                with torch.profiler.profile() as prof:
+                    step()
+                    torch.cuda.synchronize() if cuda else None
+                sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+                print(prof.key_averages().table(sort_by=sort, row_limit=opts["profile"], max_name_column_width=60))
         except torch.OutOfMemoryError:
             print(f"{name:<34} out of memory", flush=True)
         step = None  # free this model (weights, gradients, activations) before the next one is built:
