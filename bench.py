@@ -327,7 +327,7 @@ def bench_train(argv: list[str]):
     (the CPU default). Options: --size --batch=4 --seq=2048 --iters=5 --ac=1 (activation checkpointing, both)
     --compile=0 (torch.compile each of our LLM blocks, as train.py --compile does) --hf_ac (transformers'
     checkpointing; default: as --ac) --fsdp=1 (0: ours unsharded with bf16 weights, as transformers runs)
-    --reshard (FSDP2 reshard after forward; default: train.py's, only with several processes) --hf=1 (0: ours
+    --hf=1 (0: ours
     only) --profile=0 (N: profile one more step, print its N costliest kernels) (CPU: batch 4, seq 256, ac 0)."""
     import gc
     import os
@@ -342,7 +342,7 @@ def bench_train(argv: list[str]):
 
     cuda = torch.cuda.is_available()
     opts = dict(size="3b" if cuda else "tiny", batch=4, seq=2048 if cuda else 256, iters=5, ac=int(cuda), compile=0,
-                hf_ac=-1, fsdp=1, reshard=-1, hf=1, profile=0)
+                hf_ac=-1, fsdp=1, hf=1, profile=0)
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
         if key not in opts:
@@ -381,8 +381,7 @@ def bench_train(argv: list[str]):
             for block in model.llm.layers:  # before sharding, as in train.py
                 block.compile()
         if opts["fsdp"]:
-            reshard = None if opts["reshard"] < 0 else bool(opts["reshard"])
-            train.shard(model, train.TrainConfig(dtype="bfloat16"), reshard)
+            train.shard(model, train.TrainConfig(dtype="bfloat16"))
         elif cuda:
             model.to(torch.bfloat16)
         images = torch.randn(B, len(towers), 3, side, side, device=device, dtype=next(model.parameters()).dtype)
@@ -406,8 +405,7 @@ def bench_train(argv: list[str]):
     peak = train.peak_flops(device)
     print(f"# {opts['size']}: LLM {n_params / 1e6:,.1f}M params, towers {len(towers)} x {side}px, batch "
           f"{B} x {T} tokens ({P} image tokens each), activation checkpointing: ours {bool(opts['ac'])}, "
-          f"transformers {hf_ac}; compiled blocks (ours) {bool(opts['compile'])}; reshard {opts['reshard']} (-1: "
-          f"train.py's default); one model on the device at a time")
+          f"transformers {hf_ac}; compiled blocks (ours) {bool(opts['compile'])}; one model on the device at a time")
     print(f"{'implementation':<34} {'s/step':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
     ours_name = "ours (FSDP2 bf16, towers + LLM)" if opts["fsdp"] else "ours (unsharded, towers + LLM)"
     for name, build in [(ours_name, ours), ("transformers Qwen2 LM", reference)][:1 + opts["hf"]]:

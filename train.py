@@ -279,19 +279,16 @@ def set_trainable(model: TinyGroundingGPT, trains: str, train_towers: bool) -> N
     model.config.train_towers = train_towers  # the model runs frozen towers under no_grad, in eval mode
 
 
-def shard(model: TinyGroundingGPT, cfg: TrainConfig, reshard: bool | None = None) -> None:
-    """FSDP2: each transformer block is its own shard group, then the root (torchtitan's recipe). `reshard`:
-    free each block's gathered weights after its forward and gather them again for its backward; by default
-    only with several processes (one process holds all of every weight anyway: resharding only adds copies)."""
+def shard(model: TinyGroundingGPT, cfg: TrainConfig) -> None:
+    """FSDP2: each transformer block is its own shard group, then the root (torchtitan's recipe)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-    reshard = dist.get_world_size() > 1 if reshard is None else reshard
     blocks = list(model.llm.layers) + [b for tower in model.encoder.towers for b in tower.blocks]
     for block in blocks:
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
