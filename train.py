@@ -675,12 +675,12 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             )
             sys.stdout.flush()  # one line per step also when stdout is a file
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
-            save_checkpoint(model, optimizer, ckpt_dir, step + 1, rank)
-            if rank == 0:
+            if rank == 0:  # the metrics first: a checkpoint that exists has its history (resume drops the excess)
                 tmp = metrics_path + ".tmp"
                 with open(tmp, "w") as f:
                     f.writelines(json.dumps(h) + "\n" for h in history)
                 os.replace(tmp, metrics_path)
+            save_checkpoint(model, optimizer, ckpt_dir, step + 1, rank)
     bar.close()
     export(model, out, tokenizer_path, rank)
     if rank == 0:

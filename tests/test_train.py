@@ -168,6 +168,26 @@ def test_killed_run_resumes_to_exactly_the_same_result(init_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_death_right_after_a_checkpoint_keeps_the_loss_history(init_dir, tmp_path, monkeypatch):
+    # The deterministic twin of the kill above: die just after a checkpoint is complete (its `latest` pointer
+    # switched), before anything else is written. The resumed run must still have every step's metrics.
+    args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=32,32,32,32", "--batch_size=8"]
+    args += ["--max_steps=4", "--ckpt_every=2", f"--out_dir={tmp_path}"]
+    save = train.save_checkpoint
+
+    def save_then_die(*a, **kw):
+        save(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.undo()
+    assert "resuming at step 2" in run(args)
+    with open(tmp_path / "stage2.metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3]
+
+
 def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
     # a stage-2 data file in data.py's format, with images on disk (the paper preset reads files)
     samples = shapes.ShapesStageData("stage2", 16, seed=1)
