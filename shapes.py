@@ -350,17 +350,33 @@ STAGE3_KINDS = {"conversation": 0.3, "description": 0.25, "pope": 0.25, "rec": 0
 STAGE_NAMES = {"stage1-pretrain": 1, "stage1": 1, "1": 1, "stage2": 2, "2": 2, "stage3": 3, "3": 3}
 
 
+def merge_rounds(samples: list[dict]) -> dict:
+    """Single-question samples about one image -> one conversation asking them in turn (the image once, in the
+    first question; object images in order of appearance), as LLaVA packs an image's RefCOCO expressions.
+    Several objects of one scene in one sample: more answers per image, and the model must tell them apart."""
+    merged = {**samples[0], "conversations": [], "objects": []}
+    for sample in samples:
+        turns = [dict(turn) for turn in sample["conversations"]]
+        if merged["conversations"]:
+            turns[0]["value"] = turns[0]["value"].removeprefix("<image>\n")
+        merged["conversations"] += turns
+        merged["objects"] += sample.get("objects", [])
+    if not merged["objects"]:
+        del merged["objects"]
+    return merged
+
+
 class ShapesStageData:
     """On-the-fly samples of the shapes world for one training stage, map-style and deterministic: sample i
     is a function of (seed, stage, i) only, so every DataLoader worker and every resume sees the same data.
     Stage 1: captions naming coarse positions. Stage 2: the multi-scale kinds (STAGE2_KINDS). Stage 3:
     grounding conversations, grounding descriptions, POPE-style yes/no questions and REC (STAGE3_KINDS)."""
 
-    def __init__(self, stage: str, length: int, seed: int = 0, scene: SceneConfig | None = None):
+    def __init__(self, stage: str, length: int, seed: int = 0, scene: SceneConfig | None = None, rounds: int = 1):
         if str(stage) not in STAGE_NAMES:
             raise ValueError(f"stage must be one of {sorted(STAGE_NAMES)}, got {stage!r}")
         self.stage, self.level, self.length, self.seed = str(stage), STAGE_NAMES[str(stage)], length, seed
-        self.scene = scene or SceneConfig()
+        self.scene, self.rounds = scene or SceneConfig(), rounds  # rounds: stage-2 questions per image
 
     def __len__(self):
         return self.length
@@ -381,13 +397,16 @@ class ShapesStageData:
             scene = make_scene(rng, self.scene)
             if self.level == 1:
                 return scene, caption_sample(None, shapes_caption(scene, rng), rng, f"{self.stage}-{i}")
-            named = name_objects(scene, rng, 1 if self.level == 2 else 3)
+            named = name_objects(scene, rng, self.rounds if self.level == 2 else 3)
             if not named:
                 continue
             grounded = shapes_grounded(scene, None, named)
-            if self.level == 2:  # the kind's target is the named object (REC when the kind cannot be made)
-                kind = rng.choices(list(STAGE2_KINDS), weights=[w for _, w in STAGE2_KINDS.values()])[0]
-                sample = STAGE2_KINDS[kind][0](grounded, rng, named[0]) or rec_sample(grounded, rng, named[0])
+            if self.level == 2:  # each named object is one round's target (REC when its kind cannot be made)
+                rounds = []
+                for target in named:
+                    kind = rng.choices(list(STAGE2_KINDS), weights=[w for _, w in STAGE2_KINDS.values()])[0]
+                    rounds.append(STAGE2_KINDS[kind][0](grounded, rng, target) or rec_sample(grounded, rng, target))
+                sample = merge_rounds(rounds)
             else:
                 kind = rng.choices(list(STAGE3_KINDS), weights=list(STAGE3_KINDS.values()))[0]
                 sample = (grounding_conversation_sample({**grounded, "objects": named}, rng)

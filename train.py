@@ -76,6 +76,7 @@ class TrainConfig:
     tower_digits: bool = False  # the towers also learn the digits of each box coordinate (helps short runs only)
     train_towers: bool = False  # also train the towers in the stages (the paper freezes them)
     shapes_samples: str = "3200,3200,28800,6400"  # samples per epoch: stage1 pretrain, finetune, 2, 3
+    shapes_rounds: int = 1  # stage-2 questions per image (each about another object of the scene)
 
 
 # Table 6 of the paper. "trains": which parts get gradients (the encoders never do in the paper).
@@ -534,7 +535,7 @@ def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
 def build_dataset(cfg: TrainConfig, phase: PhaseSettings, model: TinyGroundingGPT, tokenizer):
     if cfg.preset == "shapes":
         sizes = dict(zip(PHASES, (int(n) for n in cfg.shapes_samples.split(","))))
-        samples = shapes.ShapesStageData(phase.name, sizes[phase.name], seed=cfg.seed)
+        samples = shapes.ShapesStageData(phase.name, sizes[phase.name], seed=cfg.seed, rounds=cfg.shapes_rounds)
     else:
         if not phase.data:
             key = PHASES[phase.name]["data"]

@@ -23,6 +23,27 @@ def test_shapes_data_deterministic_per_seed_and_valid():
         assert [a.conversations(i) for i in range(10)] != [c.conversations(i) for i in range(10)]
 
 
+def test_stage2_rounds_ask_about_distinct_objects_of_one_image():
+    one, three = shapes.ShapesStageData("stage2", 40, seed=5), shapes.ShapesStageData("stage2", 40, seed=5, rounds=3)
+    several = 0
+    for i in range(40):
+        sample = three[i]
+        data.validate_sample(sample, f"stage2 {i}", check_file=False)  # <object> count = objects, one <image>
+        turns = sample["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and len(turns) <= 6
+        assert [t["value"].count("<image>") for t in turns[::2]] == [1] + [0] * (len(turns) // 2 - 1)
+        several += len(turns) > 2
+    assert several > 20  # most scenes have objects enough for several rounds
+    # one round is the single-question data as before; merging keeps each round's object images in order
+    turns = lambda k: [{"from": "human", "value": f"<image>\nQ{k} <object>"}, {"from": "gpt", "value": f"A{k}"}]
+    a = {"image": None, "conversations": turns(1), "objects": [[0, 0, 1, 1]]}
+    b = {"image": None, "conversations": turns(2), "objects": [[0, 0, 0.5, 0.5]]}
+    merged = shapes.merge_rounds([a, b])
+    assert [t["value"] for t in merged["conversations"]] == ["<image>\nQ1 <object>", "A1", "Q2 <object>", "A2"]
+    assert merged["objects"] == [[0, 0, 1, 1], [0, 0, 0.5, 0.5]]
+    assert all(shapes.merge_rounds([one[i]]) == one[i] for i in range(5))
+
+
 def test_resolver_on_a_hand_made_scene():
     obj = lambda shape, color, size, x, y: shapes.ShapeObject(shape, color, size, (x, y, x + 40, y + 40), ())
     objects = [obj("circle", "red", "big", 10, 10), obj("circle", "blue", "small", 120, 10),
