@@ -327,8 +327,8 @@ def bench_train(argv: list[str]):
     (the CPU default). Options: --size --batch=4 --seq=2048 --iters=5 --ac=1 (activation checkpointing, both)
     --compile=0 (torch.compile each of our LLM blocks, as train.py --compile does) --hf_ac (transformers'
     checkpointing; default: as --ac) --fsdp=1 (0: ours unsharded with bf16 weights, as transformers runs)
-    --hf=1 (0: ours
-    only) --profile=0 (N: profile one more step, print its N costliest kernels) (CPU: batch 4, seq 256, ac 0)."""
+    --hf=1 (0: ours only) --profile=0 (N: profile one more step, print its N costliest kernels)
+    (CPU: batch 4, seq 256, ac 0)."""
     import gc
     import os
     import time
