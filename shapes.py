@@ -375,6 +375,8 @@ class ShapesStageData:
     def __init__(self, stage: str, length: int, seed: int = 0, scene: SceneConfig | None = None, rounds: int = 1):
         if str(stage) not in STAGE_NAMES:
             raise ValueError(f"stage must be one of {sorted(STAGE_NAMES)}, got {stage!r}")
+        if rounds < 1:
+            raise ValueError(f"rounds (questions per stage-2 image) must be at least 1, got {rounds}")
         self.stage, self.level, self.length, self.seed = str(stage), STAGE_NAMES[str(stage)], length, seed
         self.scene, self.rounds = scene or SceneConfig(), rounds  # rounds: stage-2 questions per image
 

@@ -34,6 +34,8 @@ def test_stage2_rounds_ask_about_distinct_objects_of_one_image():
         assert [t["value"].count("<image>") for t in turns[::2]] == [1] + [0] * (len(turns) // 2 - 1)
         several += len(turns) > 2
     assert several > 20  # most scenes have objects enough for several rounds
+    with pytest.raises(ValueError, match="at least 1"):
+        shapes.ShapesStageData("stage2", 4, rounds=0)
     # one round is the single-question data as before; merging keeps each round's object images in order
     turns = lambda k: [{"from": "human", "value": f"<image>\nQ{k} <object>"}, {"from": "gpt", "value": f"A{k}"}]
     a = {"image": None, "conversations": turns(1), "objects": [[0, 0, 1, 1]]}

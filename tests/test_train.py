@@ -180,6 +180,10 @@ def test_death_right_after_a_checkpoint_keeps_the_loss_history(init_dir, tmp_pat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    # in this process, as the subprocess runs would be: on the CPU, alone, leaving the thread count alone
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
     monkeypatch.undo()
