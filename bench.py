@@ -427,7 +427,8 @@ def bench_train(argv: list[str]):
             if opts["profile"]:  # where one more step's time goes: the kernels that took the most of it
                 with torch.profiler.profile() as prof:
                     step()
-                    torch.cuda.synchronize() if cuda else None
+                    if cuda:
+                        torch.cuda.synchronize()
                 sort = "self_device_time_total" if cuda else "self_cpu_time_total"
                 print(prof.key_averages().table(sort_by=sort, row_limit=opts["profile"], max_name_column_width=60))
         except torch.OutOfMemoryError:
