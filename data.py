@@ -135,8 +135,17 @@ def encode_with_markers(tok: Tokenizer, text: str, num_image_tokens: int, num_ob
     return ids
 
 
+def place_image(text: str, image_after_question: bool) -> str:
+    """A human turn as the model reads it: samples put the image first ("<image>\\n{question}", LLaVA's
+    order); a model whose config says image_after_question reads "{question}\\n<image>" instead."""
+    if image_after_question and text.startswith("<image>\n"):
+        return text.removeprefix("<image>\n") + "\n<image>"
+    return text
+
+
 def encode_conversation(tok: Tokenizer, conversations: list[dict], num_image_tokens: int,
-                        num_object_tokens: int, system: str | None = None) -> tuple[list[int], list[int]]:
+                        num_object_tokens: int, system: str | None = None, image_after_question: bool = False
+                        ) -> tuple[list[int], list[int]]:
     """ChatML ids and labels. Labels are IGNORE except on each assistant answer and its <|im_end|>:
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{human}<|im_end|>\\n<|im_start|>assistant\\n
     {gpt}<|im_end|>\\n ... Markers are expanded in human turns (validate_sample keeps them out of answers)."""
@@ -146,7 +155,8 @@ def encode_conversation(tok: Tokenizer, conversations: list[dict], num_image_tok
     for turn in conversations:
         role = ROLES[turn["from"]]
         if role == "user":
-            turn_ids = encode_with_markers(tok, "user\n" + turn["value"], num_image_tokens, num_object_tokens)
+            text = "user\n" + place_image(turn["value"], image_after_question)
+            turn_ids = encode_with_markers(tok, text, num_image_tokens, num_object_tokens)
             turn_labels = [IGNORE] * len(turn_ids)
         else:
             # Encoded as one string like the full template would be; the answer's tokens are those ending
@@ -164,10 +174,10 @@ def encode_conversation(tok: Tokenizer, conversations: list[dict], num_image_tok
 
 
 def encode_prompt(tok: Tokenizer, user_text: str, num_image_tokens: int, num_object_tokens: int,
-                  system: str | None = None) -> list[int]:
+                  system: str | None = None, image_after_question: bool = False) -> list[int]:
     """A one-turn prompt ending with `<|im_start|>assistant\\n`, ready for generation."""
     ids, _ = encode_conversation(tok, [{"from": "human", "value": user_text}], num_image_tokens,
-                                 num_object_tokens, system)
+                                 num_object_tokens, system, image_after_question)
     return ids + [tok.im_start_id] + tok.encode("assistant\n")
 
 
@@ -644,8 +654,9 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples, tokenizer: Tokenizer, processor: ImageProcessor, num_image_tokens: int,
                  num_object_tokens: int, max_len: int = 2048, skip_bad=False, system: str | None = None,
-                 image_root: str = ""):
+                 image_root: str = "", image_after_question: bool = False):
         self.samples, self.tok, self.processor = samples, tokenizer, processor
+        self.image_after_question = image_after_question
         self.num_image_tokens, self.num_object_tokens = num_image_tokens, num_object_tokens
         self.max_len = max_len
         self.skipped, self.system, self.image_root = _counter(skip_bad), system, image_root
@@ -668,7 +679,8 @@ class SFTDataset(torch.utils.data.Dataset):
                 turns = get(i)
                 lengths.append(system + per_turn * len(turns))
                 for turn in turns:
-                    for part in MARKER_RE.split(f"{ROLES[turn['from']]}\n{turn['value']}"):
+                    text = place_image(turn["value"], self.image_after_question and turn["from"] == "human")
+                    for part in MARKER_RE.split(f"{ROLES[turn['from']]}\n{text}"):
                         if part in marker_cost:
                             lengths[i] += marker_cost[part]
                         elif part:
@@ -695,7 +707,7 @@ class SFTDataset(torch.utils.data.Dataset):
         where = sample.get("where", f"sample {i}")
         validate_sample(sample, where, self.image_root, check_file=False)
         ids, labels = encode_conversation(self.tok, sample["conversations"], self.num_image_tokens,
-                                          self.num_object_tokens, self.system)
+                                          self.num_object_tokens, self.system, self.image_after_question)
         if len(ids) > self.max_len:
             cut = ids[self.max_len:]
             if any(t in (self.tok.image_pad_id, self.tok.object_pad_id) for t in cut) or all(

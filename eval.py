@@ -61,17 +61,19 @@ class Questions(torch.utils.data.Dataset):
 
     def __init__(self, records: list[dict], questions: list[str], tok, model):
         self.records, self.questions, self.tok = records, questions, tok
-        self.processor, self.n_image, self.n_object = (
+        self.processor, self.n_image, self.n_object, self.image_after_question = (
             model.encoder.processor,
             model.num_image_tokens,
             model.config.object_tokens,
+            model.config.image_after_question,
         )
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i):
-        ids = data.encode_prompt(self.tok, "<image>\n" + self.questions[i], self.n_image, self.n_object)
+        ids = data.encode_prompt(self.tok, "<image>\n" + self.questions[i], self.n_image, self.n_object,
+                                 image_after_question=self.image_after_question)
         return i, ids, self.processor(data.load_image(self.records[i]["image"]))
 
 

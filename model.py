@@ -438,6 +438,9 @@ class TinyGroundingGPTConfig:
     # 16 = 4x4 at full size, each token averaging 6x6 of the 24x24 patches: an object costs 16 tokens.
     object_tokens: int = 16
     train_towers: bool = False  # False: towers frozen (eval mode, no grad)
+    # Where the image's tokens stand in the first question: before it (False; LLaVA's and the paper's order)
+    # or after it. data.place_image applies it when text is encoded, so samples and prompts stay LLaVA's.
+    image_after_question: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

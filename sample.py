@@ -104,7 +104,7 @@ class Session:
 
     def ask(self, question: str, temperature: float = 0.0, max_new_tokens: int = 64, top_p: float = 1.0) -> str:
         if self.image is not None and not self.history and "<image>" not in question:
-            question = "<image>\n" + question  # the image comes first, as in every training sample
+            question = "<image>\n" + question  # as in every sample; encoding may move it (place_image)
         turns = self.history + [{"from": "human", "value": question}]
         text = "".join(t["value"] for t in turns)
         n_objects = text.count("<object>")
@@ -113,8 +113,10 @@ class Session:
             raise ValueError(f"the conversation has {n_objects} <object> markers but {available} --object boxes")
         if "<image>" in text and self.image is None:
             raise ValueError("the question has <image> but no image was given")
+        config = self.model.config
         ids, _ = data.encode_conversation(
-            self.tok, turns, self.model.num_image_tokens, self.model.config.object_tokens, self.system
+            self.tok, turns, self.model.num_image_tokens, config.object_tokens, self.system,
+            config.image_after_question,
         )
         ids += [self.tok.im_start_id] + self.tok.encode("assistant\n")
         images = self.pixels if "<image>" in text else None
@@ -186,6 +188,9 @@ def attention_map(session: Session, source: str) -> torch.Tensor:
         queries = [i for i in words if tok.decode(prompt_ids[i : i + 1]).strip()]
         if not queries:
             raise ValueError("--attn text needs words in the question")
+        if max(queries) < prompt_ids.index(model.config.image_token_id):  # causal: words before the image
+            raise ValueError("--attn text: this model reads the question before the image (its config's "
+                             "image_after_question), so the words cannot attend to it; try --attn coords")
     _, _, attn = model(torch.tensor([ids]), images=last["images"], objects=last["objects"], return_last_attn=True)
     patches = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
     weights = attn[0].float()[:, queries][:, :, patches].sum(dim=(0, 1))  # [num_patches]

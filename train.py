@@ -69,6 +69,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     num_workers: int = 2
     seed: int = 1337
+    # where the image's tokens stand in the first question (the model's config.json keeps it for eval/sample):
+    # False = before it, LLaVA's and the paper's order
+    image_after_question: bool = False
     log_every: int = 1
     ckpt_every: int = 200  # optimizer steps between resumable checkpoints (and one at the end)
     # shapes preset only
@@ -552,6 +555,7 @@ def build_dataset(cfg: TrainConfig, phase: PhaseSettings, model: TinyGroundingGP
         model.config.object_tokens,
         max_len=cfg.max_len,
         skip_bad=cfg.skip_bad,
+        image_after_question=model.config.image_after_question,
     )
 
 
@@ -568,6 +572,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     # paper's projector-only pretraining presumes a pretrained LLM.
     trains = phase.trains if cfg.preset == "paper" else "llm+projector"
     set_trainable(model, trains, cfg.train_towers and cfg.preset == "shapes")
+    model.config.image_after_question = cfg.image_after_question
     dataset = build_dataset(cfg, phase, model, tokenizer)
     if cfg.activation_checkpointing:
         model.llm.activation_checkpointing = True

@@ -18,6 +18,7 @@ import torch
 from conftest import serving
 from PIL import Image
 
+import data
 import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,6 +166,22 @@ def test_attention_map_errors_say_what_is_missing(loaded, monkeypatch):
     text_only.ask("Hello")
     with pytest.raises(ValueError, match="needs an image"):
         sample.attention_map(text_only, "text")
+
+
+def test_a_model_reading_the_image_after_the_question(loaded, monkeypatch):
+    model, tok = loaded
+    monkeypatch.setattr(model.config, "image_after_question", True)
+    monkeypatch.setattr(model, "generate", scripted(model, tok, "[0.100,0.200,0.500,0.600]"))
+    session = sample.Session(model, tok, sample.open_image(PHOTO))
+    session.ask("Where is the cup?")
+    prompt = session.last["prompt_ids"]
+    n_image, n_object = model.num_image_tokens, model.config.object_tokens
+    assert prompt == data.encode_prompt(tok, "Where is the cup?\n<image>", n_image, n_object)
+    assert sample.attention_map(session, "coords").shape == (8, 8)
+    with pytest.raises(ValueError, match="before the image"):
+        sample.attention_map(session, "text")
+    session.ask("And the table?")  # a later turn's words come after the image
+    assert sample.attention_map(session, "text").shape == (8, 8)
 
 
 def test_heat_map_zero_keeps_the_image_and_one_turns_it_red():

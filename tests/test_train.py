@@ -212,7 +212,7 @@ def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
     ]
     # stage 1 from the init model: pretrain changes only the projector, finetune the projector and the LLM
     run(["--stage=1", f"--init={init_dir}", f"--data1={tmp_path / 'stage2.jsonl'}", *common])
-    run(["--stage=2", f"--data2={tmp_path / 'stage2.jsonl'}", *common])
+    run(["--stage=2", f"--data2={tmp_path / 'stage2.jsonl'}", "--image_after_question", *common])
     before = load_file(os.path.join(init_dir, "model.safetensors"))
     pretrain, stage1, stage2 = weights(out, "stage1-pretrain"), weights(out, "stage1"), weights(out, "stage2")
 
@@ -226,6 +226,12 @@ def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
     assert changed(pretrain, stage1, "llm.") and not changed(pretrain, stage1, "encoder.")
     assert changed(stage1, stage2, "llm.") and changed(stage1, stage2, "projector.")
     assert not changed(stage1, stage2, "encoder.")  # stage 2 started from stage 1's export, towers frozen
+    # the prompt layout a phase trained with travels in its export, for eval.py and sample.py
+    def image_after_question(phase):
+        with open(out / phase / "config.json") as f:
+            return json.load(f)["image_after_question"]
+
+    assert not image_after_question("stage1") and image_after_question("stage2")
 
 
 @pytest.mark.parametrize("digits", [False, True])
