@@ -4,6 +4,7 @@ splits in the real formats, the baselines, and its small tokenizer.
 
     python shapes.py splits --out data/shapes [--n 500]     # rec_{val,testA,testB}.jsonl, pope_*.jsonl
     python shapes.py baselines --split data/shapes/rec_testA.jsonl
+    python shapes.py pairs --split data/shapes/rec_testA.jsonl  # the colour-and-shape probe, then --score P
     python shapes.py tokenizer --out assets/shapes/tokenizer.json
 """
 
@@ -512,6 +513,33 @@ def write_shapes_splits(out: str, n: int = 500, seed: int = 0):
         f.close()
 
 
+def write_pairs(split_path: str) -> str:
+    """The colour-and-shape probe: every two-object scene of a REC split whose objects differ in colour or
+    shape, asked "the {colour} {shape}" about each of its objects in turn (2 rows per scene), written next to the
+    split as pairs_{split}.jsonl. Size and salience cannot answer both rows; only reading colour and shape can."""
+    out = os.path.join(os.path.dirname(split_path), "pairs_" + os.path.basename(split_path).removeprefix("rec_"))
+    with open(split_path) as f, open(out, "w") as w:
+        for line in f:
+            row = json.loads(line)
+            objects = row["scene_objects"]
+            if len(objects) == 2 and len({(o["color"], o["shape"]) for o in objects}) == 2:
+                for o in objects:
+                    question = {**row, "expression": f"the {o['color']} {o['shape']}", "bbox": o["bbox"]}
+                    w.write(json.dumps(question) + "\n")
+    return out
+
+
+def score_pairs(predictions_path: str) -> dict[str, int]:
+    """eval.py --out rows of a pairs file (in its order) -> questions right, scenes with both right, scenes
+    given the same box for both questions."""
+    with open(predictions_path) as f:
+        rows = [json.loads(line) for line in f]
+    pairs = list(zip(rows[0::2], rows[1::2]))
+    return {"questions": len(rows), "right": sum(r["correct"] for r in rows), "scenes": len(pairs),
+            "both right": sum(a["correct"] and b["correct"] for a, b in pairs),
+            "same box": sum(a["pred_box"] is not None and a["pred_box"] == b["pred_box"] for a, b in pairs)}
+
+
 def baselines(split_path: str, seed: int = 0) -> dict[str, float]:
     """Acc@0.5 of answers that do not look (random box, centre box of the split's mean size) or look only
     partly (a random object of the scene; a random object of the expression's shape, ignoring colour)."""
@@ -583,6 +611,12 @@ def main(argv: list[str]):
         tok = train_shapes_tokenizer(option("--vocab-size", 640))
         tok.save(out, pretty=False)
         print(f"wrote {out}: {tok.get_vocab_size()} tokens, {os.path.getsize(out)} bytes")
+    elif command == "pairs" and "--score" in argv:
+        print(", ".join(f"{k} {v}" for k, v in score_pairs(option("--score", "")).items()))
+    elif command == "pairs":
+        out = write_pairs(option("--split", "data/shapes/rec_testA.jsonl"))
+        print(f"wrote {out}; score it with: python eval.py --ckpt CKPT --task rec --data {out} --out P.jsonl "
+              "&& python shapes.py pairs --score P.jsonl")
     elif command == "baselines":
         for name, acc in baselines(option("--split", "data/shapes/rec_testA.jsonl"), option("--seed", 0)).items():
             print(f"{name:14s} Acc@0.5 {100 * acc:5.1f}%")

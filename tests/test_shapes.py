@@ -125,6 +125,28 @@ def test_baselines(tmp_path):
     assert scores["random box"] < 0.5 and scores["centre box"] == 0.0  # centre box [30,10,70,50]: IoU 0.33
 
 
+def test_colour_and_shape_pairs_and_their_score(tmp_path):
+    red_circle = {"shape": "circle", "color": "red", "size": "big", "bbox": [10, 10, 50, 50]}
+    red_square = {"shape": "square", "color": "red", "size": "small", "bbox": [60, 10, 90, 40]}
+    row = {"img_path": "images/a.png", "expression": "the circle", "bbox": red_circle["bbox"], "width": 100,
+           "height": 60, "scene_objects": [red_circle, red_square]}
+    twins = {**row, "scene_objects": [red_circle, {**red_circle, "bbox": [60, 10, 100, 50]}]}  # no pair
+    lone = {**row, "scene_objects": [red_circle]}
+    (tmp_path / "rec_testA.jsonl").write_text("\n".join(json.dumps(r) for r in (row, twins, lone, row)) + "\n")
+    out = shapes.write_pairs(str(tmp_path / "rec_testA.jsonl"))
+    assert out == str(tmp_path / "pairs_testA.jsonl")
+    pairs = [json.loads(line) for line in open(out)]
+    assert [(p["expression"], p["bbox"]) for p in pairs] == 2 * [("the red circle", [10, 10, 50, 50]),
+                                                                   ("the red square", [60, 10, 90, 40])]
+    assert pairs[0]["img_path"] == "images/a.png" and pairs[0]["scene_objects"] == row["scene_objects"]
+    box = [10, 10, 50, 50]  # scene 1: the same box for both (one right); scene 2: both right
+    predictions = [{"pred_box": box, "correct": True}, {"pred_box": box, "correct": False},
+                   {"pred_box": box, "correct": True}, {"pred_box": [60, 10, 90, 40], "correct": True}]
+    (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, predictions)) + "\n")
+    assert shapes.score_pairs(str(tmp_path / "p.jsonl")) == {"questions": 4, "right": 3, "scenes": 2,
+                                                             "both right": 1, "same box": 1}
+
+
 def test_shapes_tokenizer_committed_and_deterministic():
     tok = Tokenizer.from_file(shapes.SHAPES_TOKENIZER)
     assert tok.encode("[0.125,1.000]") == [tok.tok.token_to_id(c) for c in "[0.125,1.000]"]  # digit by digit
