@@ -572,6 +572,9 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     # paper's projector-only pretraining presumes a pretrained LLM.
     trains = phase.trains if cfg.preset == "paper" else "llm+projector"
     set_trainable(model, trains, cfg.train_towers and cfg.preset == "shapes")
+    if model.config.image_after_question != cfg.image_after_question and rank == 0:  # a switch mid-chain: say so
+        print(f"{phase.name}: the init model read image_after_question={model.config.image_after_question}; "
+              f"this phase trains (and exports) {cfg.image_after_question}")
     model.config.image_after_question = cfg.image_after_question
     dataset = build_dataset(cfg, phase, model, tokenizer)
     if cfg.activation_checkpointing:

@@ -212,7 +212,8 @@ def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
     ]
     # stage 1 from the init model: pretrain changes only the projector, finetune the projector and the LLM
     run(["--stage=1", f"--init={init_dir}", f"--data1={tmp_path / 'stage2.jsonl'}", *common])
-    run(["--stage=2", f"--data2={tmp_path / 'stage2.jsonl'}", "--image_after_question", *common])
+    log = run(["--stage=2", f"--data2={tmp_path / 'stage2.jsonl'}", "--image_after_question", *common])
+    assert "stage2: the init model read image_after_question=False; this phase trains (and exports) True" in log
     before = load_file(os.path.join(init_dir, "model.safetensors"))
     pretrain, stage1, stage2 = weights(out, "stage1-pretrain"), weights(out, "stage1"), weights(out, "stage2")
 
