@@ -80,6 +80,12 @@ class TrainConfig:
     train_towers: bool = False  # also train the towers in the stages (the paper freezes them)
     shapes_samples: str = "3200,3200,28800,6400"  # samples per epoch: stage1 pretrain, finetune, 2, 3
     shapes_rounds: int = 1  # stage-2 questions per image (each about another object of the scene)
+    # the shapes LM's size (a new model only: later phases keep their init model's): width (MLP 3x), blocks,
+    # query heads, key/value heads
+    llm_width: int = 128
+    llm_layers: int = 4
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
 
 
 # Table 6 of the paper. "trains": which parts get gradients (the encoders never do in the paper).
@@ -242,17 +248,18 @@ def new_shapes_model(cfg: TrainConfig) -> TinyGroundingGPT:
 
 
 def shapes_model_config(tok: data.Tokenizer, cfg: TrainConfig) -> TinyGroundingGPTConfig:
-    """The tiny model of the shapes world: two 3-layer towers at 112 px (8x8 patches), a 4-layer LM."""
+    """The tiny model of the shapes world: two 3-layer towers at 112 px (8x8 patches), an LM of cfg's size
+    (default 4 blocks of width 128)."""
     tower = dict(
         hidden_size=64, num_layers=3, num_heads=4, mlp_size=256, patch_size=14, image_size=112, feature_layer=-1
     )  # pretrained from scratch (pretrain_towers): the last block's output, no block left idle
     llm = Qwen2Config(
         vocab_size=tok.sampleable_size,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=cfg.llm_width,
+        intermediate_size=3 * cfg.llm_width,
+        num_hidden_layers=cfg.llm_layers,
+        num_attention_heads=cfg.llm_heads,
+        num_key_value_heads=cfg.llm_kv_heads,
         rope_theta=10000.0,
         tie_word_embeddings=True,
         max_position_embeddings=cfg.max_len,
@@ -576,6 +583,12 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         print(f"{phase.name}: the init model read image_after_question={model.config.image_after_question}; "
               f"this phase trains (and exports) {cfg.image_after_question}")
     model.config.image_after_question = cfg.image_after_question
+    llm = model.config.llm
+    size = (llm.hidden_size, llm.num_hidden_layers, llm.num_attention_heads, llm.num_key_value_heads)
+    flags = (cfg.llm_width, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads)
+    if cfg.preset == "shapes" and size != flags and rank == 0:
+        print(f"{phase.name}: the init model's LM (width, blocks, heads, KV heads) is {size}; the --llm_* flags "
+              f"size a new model only")
     dataset = build_dataset(cfg, phase, model, tokenizer)
     if cfg.activation_checkpointing:
         model.llm.activation_checkpointing = True

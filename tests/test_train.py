@@ -254,6 +254,23 @@ def test_shapes_towers_are_pretrained_then_frozen(tmp_path, digits):
     assert any(not torch.equal(towers[k], stage1[k]) for k in towers if k.startswith("llm."))
 
 
+def test_shapes_lm_size_flags_size_a_new_model_only(init_dir, tmp_path):
+    cfg = train.parse_args(["--preset=shapes", "--llm_width=64", "--llm_layers=2", "--llm_heads=2", "--llm_kv_heads=1"])
+    llm = train.new_shapes_model(cfg).config.llm
+    size = (llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers, llm.num_attention_heads,
+            llm.num_key_value_heads)
+    assert size == (64, 192, 2, 2, 1)
+    with pytest.raises(ValueError, match="num_attention_heads=3"):
+        train.new_shapes_model(train.parse_args(["--preset=shapes", "--llm_width=64", "--llm_heads=3"]))
+    # a later phase keeps its init model's LM, and says that the flags did not apply
+    out = tmp_path / "run"
+    log = run([*COMMON, "--stage=2", f"--init={init_dir}", f"--out_dir={out}", "--shapes_samples=8,8,8,8",
+               "--batch_size=8", "--max_steps=1", "--llm_width=64"])
+    assert "stage2: the init model's LM (width, blocks, heads, KV heads) is (128, 4, 4, 2)" in log
+    with open(out / "stage2" / "config.json") as f:
+        assert json.load(f)["llm"]["hidden_size"] == 128
+
+
 def test_coordinate_digits_are_the_digits_the_box_text_has():
     boxes = torch.tensor([[0.372, 0.0, 1.0, 0.999], [0.05, 0.1, 0.5049, 0.6]])
     tenths, hundredths = train.coordinate_digits(boxes)
