@@ -600,7 +600,15 @@ def main(argv: list[str]):
     def option(name, default):
         return type(default)(argv[argv.index(name) + 1]) if name in argv else default
 
+    takes = {"splits": ["--out", "--n", "--seed"], "tokenizer": ["--out", "--vocab-size"],
+             "pairs": ["--split", "--score"], "baselines": ["--split", "--seed"]}
     command = argv[0] if argv else ""
+    if command not in takes or "-h" in argv or "--help" in argv:
+        print(__doc__)
+        sys.exit(0 if command in takes or command in ("", "-h", "--help") else f"unknown command {command!r}")
+    if len(argv) % 2 == 0 or any(flag not in takes[command] for flag in argv[1::2]):
+        sys.exit(f"shapes.py {command} takes {', '.join(takes[command])}, each followed by a value; "
+                 f"got {' '.join(argv[1:])!r}")
     if command == "splits":
         out = option("--out", "data/shapes")
         write_shapes_splits(out, option("--n", 500), option("--seed", 0))
@@ -620,8 +628,6 @@ def main(argv: list[str]):
     elif command == "baselines":
         for name, acc in baselines(option("--split", "data/shapes/rec_testA.jsonl"), option("--seed", 0)).items():
             print(f"{name:14s} Acc@0.5 {100 * acc:5.1f}%")
-    else:
-        sys.exit(__doc__)
 
 
 if __name__ == "__main__":

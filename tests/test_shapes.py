@@ -147,6 +147,21 @@ def test_colour_and_shape_pairs_and_their_score(tmp_path):
                                                              "both right": 1, "same box": 1}
 
 
+def test_commands_print_help_and_refuse_unknown_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["pairs", "--help"], ["splits", "-h"], []):
+        with pytest.raises(SystemExit) as stop:
+            shapes.main(argv)
+        assert stop.value.code == 0 and "python shapes.py splits" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # help writes nothing
+    with pytest.raises(SystemExit, match="splits takes --out, --n, --seed, each followed by a value"):
+        shapes.main(["splits", "--nn", "5"])
+    with pytest.raises(SystemExit, match="splits takes"):
+        shapes.main(["splits", "--n"])
+    with pytest.raises(SystemExit, match="unknown command 'split'"):
+        shapes.main(["split"])
+
+
 def test_shapes_tokenizer_committed_and_deterministic():
     tok = Tokenizer.from_file(shapes.SHAPES_TOKENIZER)
     assert tok.encode("[0.125,1.000]") == [tok.tok.token_to_id(c) for c in "[0.125,1.000]"]  # digit by digit
