@@ -5,6 +5,7 @@ splits in the real formats, the baselines, and its small tokenizer.
     python shapes.py splits --out data/shapes [--n 500]     # rec_{val,testA,testB}.jsonl, pope_*.jsonl
     python shapes.py baselines --split data/shapes/rec_testA.jsonl
     python shapes.py pairs --split data/shapes/rec_testA.jsonl  # the colour-and-shape probe, then --score P
+    python shapes.py pairs --attention CKPT [--pairs data/shapes/pairs_testA.jsonl]  # does the question steer?
     python shapes.py tokenizer --out assets/shapes/tokenizer.json
 """
 
@@ -24,6 +25,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 
 from data import (
     DEFAULT_SYSTEM,
+    REC_PROMPT,
     SPECIAL_TOKENS,
     STAGE2_KINDS,
     _a,
@@ -63,6 +65,12 @@ class SceneConfig:
     min_side: int = 160  # the image's long side in pixels
     max_side: int = 320
     duplicate_prob: float = 0.3  # chance a new object repeats an earlier one's shape: relations become needed
+
+    def __post_init__(self):
+        if not (1 <= self.min_objects <= self.max_objects and 0 < self.min_size <= self.max_size < 1
+                and 14 <= self.min_side <= self.max_side <= NOISE_SIDE and 0 <= self.duplicate_prob <= 1):
+            raise ValueError(f"a SceneConfig needs 1 <= min_objects <= max_objects, 0 < min_size <= max_size < 1, "
+                             f"14 <= min_side <= max_side <= {NOISE_SIDE}, 0 <= duplicate_prob <= 1; got {self}")
 
 
 @dataclass
@@ -126,8 +134,6 @@ def _noisy_background(name: str) -> np.ndarray:
 def make_scene(rng: random.Random, cfg: SceneConfig | None = None) -> Scene:
     """A random scene: image size and aspect, background, and non-overlapping objects with known boxes."""
     cfg = cfg or SceneConfig()
-    if cfg.max_side > NOISE_SIDE:
-        raise ValueError(f"SceneConfig.max_side={cfg.max_side} is above NOISE_SIDE={NOISE_SIDE}")
     long_side = rng.randint(cfg.min_side, cfg.max_side)
     aspect = rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9])
     short_side = round(long_side / aspect)
@@ -374,13 +380,22 @@ class ShapesStageData:
     Stage 1: captions naming coarse positions. Stage 2: the multi-scale kinds (STAGE2_KINDS). Stage 3:
     grounding conversations, grounding descriptions, POPE-style yes/no questions and REC (STAGE3_KINDS)."""
 
-    def __init__(self, stage: str, length: int, seed: int = 0, scene: SceneConfig | None = None, rounds: int = 1):
+    def __init__(self, stage: str, length: int, seed: int = 0, scene: SceneConfig | None = None, rounds: int = 1,
+                 kinds: dict[str, float] | None = None):
+        """kinds: sample kind -> share, replacing the stage's mix (STAGE2_KINDS, STAGE3_KINDS); unnamed: none."""
         if str(stage) not in STAGE_NAMES:
             raise ValueError(f"stage must be one of {sorted(STAGE_NAMES)}, got {stage!r}")
         if rounds < 1:
             raise ValueError(f"rounds (questions per stage-2 image) must be at least 1, got {rounds}")
         self.stage, self.level, self.length, self.seed = str(stage), STAGE_NAMES[str(stage)], length, seed
         self.scene, self.rounds = scene or SceneConfig(), rounds  # rounds: stage-2 questions per image
+        mix = {2: {k: share for k, (_, share) in STAGE2_KINDS.items()}, 3: dict(STAGE3_KINDS)}.get(self.level, {})
+        if kinds:
+            if set(kinds) - set(mix) or min(kinds.values()) < 0 or not sum(kinds.values()) > 0:
+                raise ValueError(f"{self.stage} samples are of the kinds {', '.join(mix) or 'caption, and no other'}"
+                                 f", with shares >= 0 and a positive sum; got {kinds}")
+            mix = dict(kinds)
+        self.kinds = mix
 
     def __len__(self):
         return self.length
@@ -408,11 +423,11 @@ class ShapesStageData:
             if self.level == 2:  # each named object is one round's target (REC when its kind cannot be made)
                 rounds = []
                 for target in named:
-                    kind = rng.choices(list(STAGE2_KINDS), weights=[w for _, w in STAGE2_KINDS.values()])[0]
+                    kind = rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
                     rounds.append(STAGE2_KINDS[kind][0](grounded, rng, target) or rec_sample(grounded, rng, target))
                 sample = merge_rounds(rounds)
             else:
-                kind = rng.choices(list(STAGE3_KINDS), weights=list(STAGE3_KINDS.values()))[0]
+                kind = rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
                 sample = (grounding_conversation_sample({**grounded, "objects": named}, rng)
                           if kind == "conversation" else grounding_description_sample(grounded, rng)
                           if kind == "description" else rec_sample(grounded, rng, named[0])
@@ -540,6 +555,26 @@ def score_pairs(predictions_path: str) -> dict[str, int]:
             "same box": sum(a["pred_box"] is not None and a["pred_box"] == b["pred_box"] for a, b in pairs)}
 
 
+@torch.no_grad()
+def attention_shift(ckpt: str, pairs_path: str, limit: int = 0) -> float:
+    """Does the question steer the model's look? Over the probe's scenes: the total variation between the two
+    questions' attention over the image patches (the last layer's, mean over heads, from the position that
+    writes the answer's first token). 0: the look ignores the expression; 1: disjoint looks."""
+    import sample  # the model side, only here
+
+    model, tok = sample.load(ckpt)
+    rows = [json.loads(line) for line in open(pairs_path)][: limit or None]
+    looks = []
+    for row in rows:
+        session = sample.Session(model, tok, Image.open(os.path.join(os.path.dirname(pairs_path), row["img_path"])))
+        session.ask(REC_PROMPT.format(row["expression"]), max_new_tokens=1)  # the prompt's ids, as eval.py asks
+        ids, pixels = session.last["prompt_ids"], session.last["images"]
+        probs = model(torch.tensor([ids]), images=pixels, return_last_attn=True)[-1]  # [1, heads, L, L]
+        patches = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
+        looks.append(probs[0, :, -1, patches].float().mean(0))  # [patches]
+    return sum(0.5 * (a - b).abs().sum().item() for a, b in zip(looks[0::2], looks[1::2])) / (len(looks) // 2)
+
+
 def baselines(split_path: str, seed: int = 0) -> dict[str, float]:
     """Acc@0.5 of answers that do not look (random box, centre box of the split's mean size) or look only
     partly (a random object of the scene; a random object of the expression's shape, ignoring colour)."""
@@ -601,7 +636,7 @@ def main(argv: list[str]):
         return type(default)(argv[argv.index(name) + 1]) if name in argv else default
 
     takes = {"splits": ["--out", "--n", "--seed"], "tokenizer": ["--out", "--vocab-size"],
-             "pairs": ["--split", "--score"], "baselines": ["--split", "--seed"]}
+             "pairs": ["--split", "--score", "--attention", "--pairs"], "baselines": ["--split", "--seed"]}
     command = argv[0] if argv else ""
     if command not in takes or "-h" in argv or "--help" in argv:
         print(__doc__)
@@ -619,6 +654,9 @@ def main(argv: list[str]):
         tok = train_shapes_tokenizer(option("--vocab-size", 640))
         tok.save(out, pretty=False)
         print(f"wrote {out}: {tok.get_vocab_size()} tokens, {os.path.getsize(out)} bytes")
+    elif command == "pairs" and "--attention" in argv:
+        shift = attention_shift(option("--attention", ""), option("--pairs", "data/shapes/pairs_testA.jsonl"))
+        print(f"attention shift between the two questions of a scene: {shift:.4f} (0: the look ignores the question)")
     elif command == "pairs" and "--score" in argv:
         print(", ".join(f"{k} {v}" for k, v in score_pairs(option("--score", "")).items()))
     elif command == "pairs":

@@ -80,6 +80,11 @@ class TrainConfig:
     train_towers: bool = False  # also train the towers in the stages (the paper freezes them)
     shapes_samples: str = "3200,3200,28800,6400"  # samples per epoch: stage1 pretrain, finetune, 2, 3
     shapes_rounds: int = 1  # stage-2 questions per image (each about another object of the scene)
+    # stage 2 and 3's mix of sample kinds, "rec:1" or "pope:1,rec:1" (shapes.STAGE2_KINDS / STAGE3_KINDS names;
+    # default: theirs), and the training scenes, shapes.SceneConfig fields "min_objects=2,duplicate_prob=0":
+    # the knobs of a curriculum
+    shapes_kinds: str = ""
+    shapes_scene: str = ""
     # the shapes LM's size (a new model only: later phases keep their init model's): width (MLP 3x), blocks,
     # query heads, key/value heads
     llm_width: int = 128
@@ -542,10 +547,26 @@ def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
 # ----------------------------------------------------------------------------- one phase
 
 
+def shapes_stage_data(cfg: TrainConfig, name: str) -> shapes.ShapesStageData:
+    """One phase's shapes samples (drawn on the fly). A bad --shapes_* value exits naming the flag."""
+    try:
+        sizes = dict(zip(PHASES, (int(n) for n in cfg.shapes_samples.split(","))))
+        fields = {f.name: f.type for f in dataclasses.fields(shapes.SceneConfig)}
+        scene = {k: v for k, v in (item.split("=") for item in cfg.shapes_scene.split(",") if item)}
+        if set(scene) - set(fields):
+            raise ValueError(f"--shapes_scene takes {', '.join(fields)}; got {cfg.shapes_scene!r}")
+        scene = shapes.SceneConfig(**{k: fields[k](v) for k, v in scene.items()})
+        kinds = {k: float(v) for k, v in (item.split(":") for item in cfg.shapes_kinds.split(",") if item)}
+        return shapes.ShapesStageData(name, sizes[name], seed=cfg.seed, scene=scene, rounds=cfg.shapes_rounds,
+                                      kinds=None if name.startswith("stage1") else kinds)
+    except ValueError as e:
+        sys.exit(f"error: --shapes_samples={cfg.shapes_samples} --shapes_scene={cfg.shapes_scene} "
+                 f"--shapes_kinds={cfg.shapes_kinds}: {e}")
+
+
 def build_dataset(cfg: TrainConfig, phase: PhaseSettings, model: TinyGroundingGPT, tokenizer):
     if cfg.preset == "shapes":
-        sizes = dict(zip(PHASES, (int(n) for n in cfg.shapes_samples.split(","))))
-        samples = shapes.ShapesStageData(phase.name, sizes[phase.name], seed=cfg.seed, rounds=cfg.shapes_rounds)
+        samples = shapes_stage_data(cfg, phase.name)
     else:
         if not phase.data:
             key = PHASES[phase.name]["data"]
@@ -727,6 +748,8 @@ def main(argv: list[str]) -> None:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         with open(os.path.join(cfg.out_dir, f"config-stage{cfg.stage}.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if cfg.preset == "shapes":  # bad --shapes_* values stop the run now, not at the stage they concern
+        [shapes_stage_data(cfg, name) for name in STAGE_PHASES[cfg.stage]]
     if cfg.preset == "shapes" and cfg.tower_steps > 0 and cfg.stage in ("1", "all") and not cfg.init:
         pretrain_towers(cfg, rank, device)
     for name in STAGE_PHASES[cfg.stage]:

@@ -2,6 +2,7 @@
 formats, the baselines, and the committed shapes tokenizer."""
 
 import json
+import random
 import re
 
 import pytest
@@ -44,6 +45,28 @@ def test_stage2_rounds_ask_about_distinct_objects_of_one_image():
     assert [t["value"] for t in merged["conversations"]] == ["<image>\nQ1 <object>", "A1", "Q2 <object>", "A2"]
     assert merged["objects"] == [[0, 0, 1, 1], [0, 0, 0.5, 0.5]]
     assert all(shapes.merge_rounds([one[i]]) == one[i] for i in range(5))
+
+
+def test_kind_mix_and_scene_settings_make_curricula():
+    default = shapes.ShapesStageData("stage3", 30, seed=2)
+    spelled_out = shapes.ShapesStageData("stage3", 30, seed=2, kinds=dict(shapes.STAGE3_KINDS))
+    assert [default.conversations(i) for i in range(30)] == [spelled_out.conversations(i) for i in range(30)]
+    pope = shapes.ShapesStageData("stage3", 30, seed=2, kinds={"pope": 1.0, "rec": 0})
+    assert {pope.conversations(i)[1]["value"] for i in range(30)} == {"Yes.", "No."}
+    two = shapes.SceneConfig(min_objects=2, max_objects=2, duplicate_prob=0)
+    rec = shapes.ShapesStageData("stage2", 30, seed=2, scene=two, kinds={"rec": 1})
+    made = [rec._make(i) for i in range(30)]
+    assert sum(len(scene.objects) == 2 for scene, _ in made) >= 28  # placement may give up on one (20 tries)
+    prompt = "<image>\n" + data.REC_PROMPT.format("the ")
+    assert all(sample["conversations"][0]["value"].startswith(prompt) for _, sample in made)
+    with pytest.raises(ValueError, match="stage2 samples are of the kinds rec, reg, object_to_box"):
+        shapes.ShapesStageData("stage2", 4, kinds={"pope": 1})
+    with pytest.raises(ValueError, match="positive sum"):
+        shapes.ShapesStageData("stage3", 4, kinds={"pope": 0})
+    with pytest.raises(ValueError, match="caption, and no other"):
+        shapes.ShapesStageData("stage1", 4, kinds={"rec": 1})
+    with pytest.raises(ValueError, match="1 <= min_objects <= max_objects"):
+        shapes.SceneConfig(min_objects=3, max_objects=2)
 
 
 def test_resolver_on_a_hand_made_scene():
@@ -145,6 +168,16 @@ def test_colour_and_shape_pairs_and_their_score(tmp_path):
     (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, predictions)) + "\n")
     assert shapes.score_pairs(str(tmp_path / "p.jsonl")) == {"questions": 4, "right": 3, "scenes": 2,
                                                              "both right": 1, "same box": 1}
+
+
+def test_attention_shift_pairs_the_questions_and_is_zero_for_the_same_question(ckpt, tmp_path):
+    shapes.make_scene(random.Random(0)).draw().save(tmp_path / "a.png")
+    row = lambda e: {"img_path": "a.png", "expression": e, "bbox": [0, 0, 9, 9], "width": 9, "height": 9}
+    questions = ["the red circle", "the blue square", "the red circle", "the red circle"]  # scene 2: no change
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row(e)) + "\n" for e in questions))
+    first = shapes.attention_shift(ckpt, str(tmp_path / "pairs.jsonl"), limit=2)
+    assert 0 < first <= 1  # a random model's look depends on its input
+    assert shapes.attention_shift(ckpt, str(tmp_path / "pairs.jsonl")) == pytest.approx(first / 2)
 
 
 def test_commands_print_help_and_refuse_unknown_flags(tmp_path, capsys, monkeypatch):

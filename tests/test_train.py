@@ -68,6 +68,22 @@ def test_parse_args_rejects_unknown_keys_and_bad_types():
             train.parse_args(bad)
 
 
+def test_shapes_curriculum_flags_reach_the_data_and_bad_ones_stop_before_training(tmp_path):
+    flags = ["--shapes_kinds=pope:1,rec:1", "--shapes_scene=min_objects=2,duplicate_prob=0"]
+    cfg = train.parse_args(["--preset=shapes", *flags])
+    stage3, stage1 = train.shapes_stage_data(cfg, "stage3"), train.shapes_stage_data(cfg, "stage1")
+    assert stage3.kinds == {"pope": 1.0, "rec": 1.0} and stage1.kinds == {}  # stage 1: captions, whatever is asked
+    assert (stage3.scene.min_objects, stage3.scene.max_objects, stage3.scene.duplicate_prob) == (2, 4, 0.0)
+    bad = [("--shapes_scene=objects=2", "--shapes_scene takes min_objects, max_objects"),
+           ("--shapes_scene=min_objects=5", "min_objects <= max_objects"),
+           ("--shapes_kinds=rec=1", "--shapes_kinds=rec=1"),
+           ("--shapes_kinds=pope:1", "stage2 samples are of the kinds rec")]  # stage 3 has POPE, stage 2 not
+    for flag, message in bad:
+        with pytest.raises(SystemExit, match=message):  # --stage=all: before the towers' minutes, not after
+            train.main(["--preset=shapes", flag, f"--out_dir={tmp_path}", "--tower_steps=5"])
+    assert not (tmp_path / "towers").exists()
+
+
 @pytest.mark.parametrize("group", [1, 3])
 def test_step_batches_split_the_same_global_batches_over_any_world_size(group):
     lengths = [(i * 37) % 11 for i in range(64)]
