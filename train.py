@@ -85,6 +85,8 @@ class TrainConfig:
     # the knobs of a curriculum
     shapes_kinds: str = ""
     shapes_scene: str = ""
+    # weight of box_attention_loss (0: off), which tells the LM where a box answer's object is in the image
+    attention_loss: float = 0.0
     # the shapes LM's size (a new model only: later phases keep their init model's): width (MLP 3x), blocks,
     # query heads, key/value heads
     llm_width: int = 128
@@ -547,6 +549,31 @@ def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
 # ----------------------------------------------------------------------------- one phase
 
 
+def box_attention_loss(batch: dict, attn: torch.Tensor, tokenizer, image_token_id: int, positions: int = 6):
+    """For the rows whose answer starts with a box (REC): -log of the last layer's attention, mean over heads,
+    on the image patches whose centres lie inside that box, at the `positions` positions that write the
+    answer's first tokens; the mean over those rows (0 without any). attn: [B, heads, L, L]. The answer loss
+    alone never taught the shapes LM to look where the question points (README); this says where."""
+    ids, labels, terms = batch["input_ids"], batch["labels"], []
+    for row in range(ids.shape[0]):
+        answer = (labels[row] != -100).nonzero().flatten()
+        patches = (ids[row] == image_token_id).nonzero().flatten()
+        side = math.isqrt(len(patches))
+        if len(answer) == 0 or side == 0 or side * side != len(patches):
+            continue
+        first = int(answer[0])
+        match = data.BOX_RE.match(tokenizer.decode(ids[row, first : first + 40].tolist()))
+        if not match:
+            continue
+        x1, y1, x2, y2 = (float(g) for g in match.groups())
+        centres = (torch.arange(side, device=ids.device) + 0.5) / side
+        inside = (((centres >= y1) & (centres < y2))[:, None] & ((centres >= x1) & (centres < x2))[None, :]).flatten()
+        look = attn[row, :, first - 1 : first - 1 + positions][:, :, patches].float().mean(0)  # [positions, patches]
+        if inside.any():
+            terms.append(-(look[:, inside].sum(-1) + 1e-4).log().mean())
+    return torch.stack(terms).mean() if terms else attn.new_zeros((), dtype=torch.float)
+
+
 def shapes_stage_data(cfg: TrainConfig, name: str) -> shapes.ShapesStageData:
     """One phase's shapes samples (drawn on the fly). A bad --shapes_* value exits naming the flag."""
     try:
@@ -676,14 +703,20 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         lr = lr_at(step, total, phase.lr, cfg.warmup_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, n_tokens, n_padded = 0.0, 0, 0
+        loss_sum, look_sum, n_tokens, n_padded = 0.0, 0.0, 0, 0
         for i, batch in enumerate(micro_batches):
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             if sharded:
                 model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with autocast:
-                _, loss = model(**batch)
-            (loss * (counts[i] / total_tokens * world)).backward()
+                if cfg.attention_loss:  # the eager attention path, for its probabilities
+                    _, loss, attn = model(**batch, return_last_attn=True)
+                    look = box_attention_loss(batch, attn, tokenizer, model.config.image_token_id)
+                    look_sum += look.item() / len(micro_batches)
+                else:
+                    _, loss = model(**batch)
+            objective = loss + cfg.attention_loss * look if cfg.attention_loss else loss
+            (objective * (counts[i] / total_tokens * world)).backward()
             loss_sum += loss.item() * counts[i]
             n_tokens += int(batch["attention_mask"].sum())
             n_padded += batch["attention_mask"].numel()
@@ -704,6 +737,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             tokens_per_s=round(tokens / dt, 1),
             padding=round(1 - n_tokens / max(1, n_padded), 4),  # this process's share of padded positions
             dt=round(dt, 4),
+            **({"attention_loss": round(all_reduce_sum(look_sum, device) / world, 4)} if cfg.attention_loss else {}),
         )
         history.append(record)
         bar.update(1)
@@ -714,6 +748,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             tqdm.write(
                 f"{phase.name} {step + 1:>6}/{total} | loss {loss_value:.4f} | lr {lr:.2e} | "
                 f"gnorm {grad_norm:.2f} | {tokens / dt:,.0f} tok/s{mfu}{mem} | "
+                + (f"attn loss {record['attention_loss']:.3f} | " if cfg.attention_loss else "") +
                 f"eta {eta / 60:.1f}min"
             )
             sys.stdout.flush()  # one line per step also when stdout is a file

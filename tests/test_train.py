@@ -1,6 +1,7 @@
 """train.py: sharded (gloo FSDP2) equals single-process training, exact resume after a kill, stage hand-off."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import torch
 from conftest import save_tiny_checkpoint
 from safetensors.torch import load_file
 
+import data
 import shapes
 import train
 
@@ -82,6 +84,32 @@ def test_shapes_curriculum_flags_reach_the_data_and_bad_ones_stop_before_trainin
         with pytest.raises(SystemExit, match=message):  # --stage=all: before the towers' minutes, not after
             train.main(["--preset=shapes", flag, f"--out_dir={tmp_path}", "--tower_steps=5"])
     assert not (tmp_path / "towers").exists()
+
+
+def test_box_attention_loss_reads_the_answer_box_and_scores_the_look():
+    tok = data.Tokenizer.from_file(shapes.SHAPES_TOKENIZER)
+    image = tok.image_pad_id
+    prompt = [tok.im_start_id, *[image] * 16, *tok.encode("Output the coordinate of the red circle")]  # 4x4 patches
+
+    def loss(answer: str, patch: int) -> float:  # all attention on one patch (row-major on the 4x4 grid)
+        ids = torch.tensor([prompt + tok.encode(answer)])
+        labels = ids.clone()
+        labels[:, : len(prompt)] = -100
+        attn = torch.zeros(1, 2, ids.shape[1], ids.shape[1])  # [B, heads, L, L]
+        attn[..., 1 + patch] = 1.0
+        return train.box_attention_loss({"input_ids": ids, "labels": labels}, attn, tok, image).item()
+
+    box = "[0.000,0.000,0.500,0.500]"  # the top-left 2x2 patches: 0, 1, 4, 5
+    assert loss(box, 5) == pytest.approx(0, abs=1e-3) and loss(box, 15) == pytest.approx(-math.log(1e-4))
+    assert loss("A red circle at " + box, 15) == 0.0  # the answer does not start with a box: no term
+
+
+def test_attention_loss_trains_and_is_logged(init_dir, tmp_path):
+    args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=64,64,64,64", "--batch_size=8",
+            "--max_steps=2", "--shapes_kinds=rec:1", "--attention_loss=1", f"--out_dir={tmp_path}"]
+    assert "attn loss" in run(args)
+    rows = [json.loads(line) for line in open(tmp_path / "stage2.metrics.jsonl")]
+    assert len(rows) == 2 and all(r["attention_loss"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("group", [1, 3])
