@@ -62,6 +62,15 @@ def pixels_to_box(box_px, width: int, height: int) -> list[float]:
     return [(x1 + left) / side, (y1 + top) / side, (x2 + left) / side, (y2 + top) / side]
 
 
+def patches_in_box(box, side: int) -> torch.Tensor:
+    """Which of the padded square's side x side patches (row-major, as the towers' patch order) have their
+    centre inside the normalized box -> bool [side * side]."""
+    centres = (torch.arange(side) + 0.5) / side
+    inside_x = (centres >= box[0]) & (centres < box[2])  # [side] columns
+    inside_y = (centres >= box[1]) & (centres < box[3])  # [side] rows
+    return (inside_y[:, None] & inside_x[None, :]).flatten()
+
+
 def iou(a, b) -> float:
     """Intersection over union of two [x1,y1,x2,y2] boxes in the same frame; 0 for degenerate boxes."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))

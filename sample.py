@@ -102,10 +102,9 @@ class Session:
         self.object_pixels = torch.stack([processor(crop_object(image, b)) for b in objects]) if objects else None
         self.last: dict = {}  # inputs of the last answer, for attention_map
 
-    def ask(self, question: str, temperature: float = 0.0, max_new_tokens: int = 64, top_p: float = 1.0) -> str:
-        if self.image is not None and not self.history and "<image>" not in question:
-            question = "<image>\n" + question  # as in every sample; encoding may move it (place_image)
-        turns = self.history + [{"from": "human", "value": question}]
+    def prompt(self, question: str) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """The next turn's prompt: ids up to the assistant's header, the image's and the object images' pixels."""
+        turns = self._turns(question)
         text = "".join(t["value"] for t in turns)
         n_objects = text.count("<object>")
         available = 0 if self.object_pixels is None else len(self.object_pixels)
@@ -120,12 +119,20 @@ class Session:
         )
         ids += [self.tok.im_start_id] + self.tok.encode("assistant\n")
         images = self.pixels if "<image>" in text else None
-        objects = self.object_pixels[:n_objects] if n_objects else None
+        return ids, images, self.object_pixels[:n_objects] if n_objects else None
+
+    def _turns(self, question: str) -> list[dict]:
+        if self.image is not None and not self.history and "<image>" not in question:
+            question = "<image>\n" + question  # as in every sample; encoding may move it (place_image)
+        return self.history + [{"from": "human", "value": question}]
+
+    def ask(self, question: str, temperature: float = 0.0, max_new_tokens: int = 64, top_p: float = 1.0) -> str:
+        ids, images, objects = self.prompt(question)
         answer_ids = self.model.generate(
             [ids], images=images, objects=objects, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
         )[0]
         answer = self.tok.decode(answer_ids)
-        self.history = turns + [{"from": "gpt", "value": answer}]
+        self.history = self._turns(question) + [{"from": "gpt", "value": answer}]
         self.last = dict(prompt_ids=ids, answer_ids=answer_ids, images=images, objects=objects)
         return answer
 

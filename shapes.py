@@ -36,6 +36,7 @@ from data import (
     grounding_conversation_sample,
     grounding_description_sample,
     iou,
+    patches_in_box,
     pixels_to_box,
     rec_sample,
 )
@@ -445,12 +446,9 @@ def patch_targets(scene: Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     patch centre (1 + CATEGORIES index; 0 for background) [grid*grid], and that object's normalized box
     [grid*grid, 4] (zeros on background). Boxes never overlap, so each patch has at most one object."""
     classes, boxes = torch.zeros(grid * grid, dtype=torch.long), torch.zeros(grid * grid, 4)
-    centres = (torch.arange(grid) + 0.5) / grid
     for o in scene.objects:
         box = scene.box(o)
-        inside_x = (centres >= box[0]) & (centres < box[2])  # [grid] columns
-        inside_y = (centres >= box[1]) & (centres < box[3])  # [grid] rows
-        inside = (inside_y[:, None] & inside_x[None, :]).flatten()  # row-major, as the towers' patch order
+        inside = patches_in_box(box, grid)
         classes[inside] = 1 + CATEGORIES.index(o.category)
         boxes[inside] = torch.tensor(box)
     return classes, boxes
@@ -564,11 +562,12 @@ def attention_shift(ckpt: str, pairs_path: str, limit: int = 0) -> float:
 
     model, tok = sample.load(ckpt)
     rows = [json.loads(line) for line in open(pairs_path)][: limit or None]
+    if len(rows) < 2:
+        raise ValueError(f"{pairs_path}: {len(rows)} questions; the probe asks two per scene (python shapes.py pairs)")
     looks = []
     for row in rows:
         session = sample.Session(model, tok, Image.open(os.path.join(os.path.dirname(pairs_path), row["img_path"])))
-        session.ask(REC_PROMPT.format(row["expression"]), max_new_tokens=1)  # the prompt's ids, as eval.py asks
-        ids, pixels = session.last["prompt_ids"], session.last["images"]
+        ids, pixels, _ = session.prompt(REC_PROMPT.format(row["expression"]))  # as eval.py asks
         probs = model(torch.tensor([ids]), images=pixels, return_last_attn=True)[-1]  # [1, heads, L, L]
         patches = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
         looks.append(probs[0, :, -1, patches].float().mean(0))  # [patches]
@@ -640,7 +639,7 @@ def main(argv: list[str]):
     command = argv[0] if argv else ""
     if command not in takes or "-h" in argv or "--help" in argv:
         print(__doc__)
-        sys.exit(0 if command in takes or command in ("", "-h", "--help") else f"unknown command {command!r}")
+        sys.exit(0 if command in (*takes, "", "-h", "--help") else f"unknown command {command!r}")
     if len(argv) % 2 == 0 or any(flag not in takes[command] for flag in argv[1::2]):
         sys.exit(f"shapes.py {command} takes {', '.join(takes[command])}, each followed by a value; "
                  f"got {' '.join(argv[1:])!r}")

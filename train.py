@@ -565,11 +565,9 @@ def box_attention_loss(batch: dict, attn: torch.Tensor, tokenizer, image_token_i
         match = data.BOX_RE.match(tokenizer.decode(ids[row, first : first + 40].tolist()))
         if not match:
             continue
-        x1, y1, x2, y2 = (float(g) for g in match.groups())
-        centres = (torch.arange(side, device=ids.device) + 0.5) / side
-        inside = (((centres >= y1) & (centres < y2))[:, None] & ((centres >= x1) & (centres < x2))[None, :]).flatten()
-        look = attn[row, :, first - 1 : first - 1 + positions][:, :, patches].float().mean(0)  # [positions, patches]
+        inside = data.patches_in_box([float(g) for g in match.groups()], side).to(attn.device)
         if inside.any():
+            look = attn[row, :, first - 1 : first - 1 + positions][:, :, patches].float().mean(0)  # [positions, P]
             terms.append(-(look[:, inside].sum(-1) + 1e-4).log().mean())
     return torch.stack(terms).mean() if terms else attn.new_zeros((), dtype=torch.float)
 

@@ -106,10 +106,14 @@ def test_box_attention_loss_reads_the_answer_box_and_scores_the_look():
 
 def test_attention_loss_trains_and_is_logged(init_dir, tmp_path):
     args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=64,64,64,64", "--batch_size=8",
-            "--max_steps=2", "--shapes_kinds=rec:1", "--attention_loss=1", f"--out_dir={tmp_path}"]
-    assert "attn loss" in run(args)
-    rows = [json.loads(line) for line in open(tmp_path / "stage2.metrics.jsonl")]
-    assert len(rows) == 2 and all(r["attention_loss"] > 0 for r in rows)
+            "--max_steps=2", "--shapes_kinds=rec:1"]
+    assert "attn loss" in run([*args, "--attention_loss=1", f"--out_dir={tmp_path / 'with'}"])
+    run([*args, f"--out_dir={tmp_path / 'without'}"])
+    rows = [json.loads(line) for line in open(tmp_path / "with" / "stage2.metrics.jsonl")]
+    plain = [json.loads(line) for line in open(tmp_path / "without" / "stage2.metrics.jsonl")]
+    assert len(rows) == 2 and all(r["attention_loss"] > 0 for r in rows) and "attention_loss" not in plain[0]
+    # the same first batch: the logged answer loss is the same, the gradient is not (the term is in the backward)
+    assert rows[0]["loss"] == plain[0]["loss"] and rows[0]["grad_norm"] != plain[0]["grad_norm"]
 
 
 @pytest.mark.parametrize("group", [1, 3])
