@@ -107,8 +107,8 @@ def test_box_attention_loss_reads_the_answer_box_and_scores_the_look():
 def test_attention_loss_trains_and_is_logged(init_dir, tmp_path):
     args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=64,64,64,64", "--batch_size=8",
             "--max_steps=2", "--shapes_kinds=rec:1"]
-    assert "attn loss" in run([*args, "--attention_loss=1", f"--out_dir={tmp_path / 'with'}"])
-    run([*args, f"--out_dir={tmp_path / 'without'}"])
+    assert "attn loss" in run([*args, f"--out_dir={tmp_path / 'with'}"])  # on in the shapes preset
+    run([*args, "--attention_loss=0", f"--out_dir={tmp_path / 'without'}"])
     rows = [json.loads(line) for line in open(tmp_path / "with" / "stage2.metrics.jsonl")]
     plain = [json.loads(line) for line in open(tmp_path / "without" / "stage2.metrics.jsonl")]
     assert len(rows) == 2 and all(r["attention_loss"] > 0 for r in rows) and "attention_loss" not in plain[0]
