@@ -64,7 +64,9 @@ def test_parse_args_rejects_unknown_keys_and_bad_types():
     assert (cfg.stage, cfg.lr, cfg.compile) == ("2", 1e-4, True)
     cfg = train.parse_args(["--lr", "-1e-3", "--compile", "--out-dir", "x", "--micro_batch_size=2", "--preset=shapes"])
     assert (cfg.lr, cfg.compile, cfg.out_dir, cfg.micro_batch_size) == (-1e-3, True, "x", 2)
-    assert (cfg.dtype, cfg.length_group) == ("float32", 1)  # the preset's defaults, under the user's overrides
+    assert (cfg.dtype, cfg.length_group, cfg.attention_loss) == ("float32", 1, 1.0)  # the preset's defaults
+    # a key given twice: the last wins (README's reproduce commands add --attention_loss=1 after $flags' =0)
+    assert train.parse_args(["--preset=shapes", "--attention_loss=0", "--attention_loss", "3"]).attention_loss == 3.0
     for bad in (["--nope=1"], ["--lr=fast"], ["--stage=4"], ["--compile=maybe"]):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
