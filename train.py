@@ -122,7 +122,7 @@ SHAPES_PRESET = dict(
     # with them spiked at step 276 and collapsed to repeated digits (1% testA at step 500), so: mixed batches
     length_group=1,
     # the answer loss alone never taught the shapes LM to look where the question points; this loss did
-    # (+12 to +33 points on the shipped model, README); the quickstart takes ~7% longer with it
+    # (README, "What moved it"); the quickstart takes ~7% longer with it
     attention_loss=1.0,
 )
 SHAPES_PHASES = {  # from-scratch weights need far larger learning rates than fine-tuning a pretrained LLM
