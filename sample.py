@@ -1,6 +1,6 @@
 """Ask a trained TinyGroundingGPT about an image: one question, a chat, or an OpenAI-compatible server.
 
-    python sample.py assets/shapes_demo.png "Output the coordinate of the red circle"
+    python sample.py assets/shapes_demo.png "Output the coordinate of the circle"
     python sample.py photo.jpg "What is in <object>?" --object 0.1,0.2,0.5,0.6 --attn object
     python sample.py photo.jpg                                   # interactive chat about the image
     python sample.py --serve --port 8000                         # POST /v1/chat/completions
