@@ -112,7 +112,7 @@ SHAPES_PRESET = dict(
     stage="all",
     micro_batch_size=32,
     # fp32: on a CPU, bf16 autocast made the step no faster here (its attention backward is slow), and the
-    # team's first prototype diverged to NaN in bf16 on a GPU at this size
+    # a pre-project prototype (2.8M parameters) went to NaN in bf16 on a GPU
     dtype="float32",
     num_workers=1,
     ckpt_every=100,
