@@ -6,11 +6,13 @@ Every box in this project is `[x1,y1,x2,y2]` with values in [0, 1], three decima
 image padded to a square (pasted centred, LLaVA style). This file owns that convention.
 
 Commands:
-    python data.py convert {llava-pretrain,refcoco,rec-jsonl,vg,flickr30k} ... --out F.jsonl  # real data
+    python data.py convert SOURCE ... --out F.jsonl   # a real dataset as training samples; SOURCE is one of
+        llava-pretrain, refcoco, rec-jsonl, vg, flickr30k (python data.py convert SOURCE --help)
 
 Pickle note: RefCOCO's refs(unc|umd).p are pickles, so reading one runs code: read only files you trust.
 """
 
+import argparse
 import json
 import os
 import pickle
@@ -210,10 +212,12 @@ class SkipCounter:
 
     def __init__(self, max_workers: int = 64):
         self.counts = torch.zeros(max_workers + 1, len(self.REASONS), dtype=torch.int64).share_memory_()
+        self.first = {}  # reason -> the first such error's message, as this process saw it
 
-    def add(self, reason: str):
+    def add(self, reason: str, message: str = ""):
         worker = torch.utils.data.get_worker_info()
         self.counts[0 if worker is None else 1 + worker.id, self.REASONS.index(reason)] += 1
+        self.first.setdefault(reason, message)
 
     def totals(self) -> dict[str, int]:
         return {r: int(n) for r, n in zip(self.REASONS, self.counts.sum(0)) if n}
@@ -313,7 +317,7 @@ def _valid(records, image_root: str, counter, check_file: bool = True) -> list[d
         except SampleError as e:
             if counter is None:
                 raise
-            counter.add(e.reason)
+            counter.add(e.reason, str(e))
             continue
         samples.append(_located(record, where, image_root))
     return samples
@@ -375,10 +379,11 @@ def read_refcoco(instances_json: str, refs_pickle: str, split: str, image_dir: s
         if ref["split"] != split:
             continue
         image, (x, y, w, h) = images[ref["image_id"]], anns[ref["ann_id"]]["bbox"]  # COCO boxes are xywh
-        for sentence in ref["sentences"]:
+        for k, sentence in enumerate(ref["sentences"]):
+            where = f"{refs_pickle} ref {ref['ref_id']} sentence {sentence.get('sent_id', k)}"  # one per expression
             records.append({"image": os.path.join(image_dir, image["file_name"]), "width": image["width"],
                             "height": image["height"], "expression": sentence["sent"],
-                            "bbox": [x, y, x + w, y + h], "where": f"{refs_pickle} ref {ref['ref_id']}"})
+                            "bbox": [x, y, x + w, y + h], "where": where})
     if not records:
         splits = sorted({r["split"] for r in refs})
         raise ValueError(f"{refs_pickle}: no refs in split {split!r}; it has {splits}")
@@ -494,14 +499,18 @@ def _a(phrase: str) -> str:
 
 
 def group_referring(records: list[dict]) -> list[dict]:
-    """Referring records -> one grounded image per image, each expression an object with its box moved onto
-    the padded square (an object with several expressions appears once per expression)."""
+    """Referring records -> one grounded image per image with one object per box (moved onto the padded
+    square): its expressions in "names", the first also its "name"."""
     by_image = {}
     for r in records:
         grounded = by_image.setdefault(r["image"], {"image": r["image"], "width": r["width"],
                                                     "height": r["height"], "objects": []})
         box = pixels_to_box(r["bbox"], r["width"], r["height"])
-        grounded["objects"].append({"name": r["expression"], "box": box})
+        same = next((o for o in grounded["objects"] if o["box"] == box), None)
+        if same is None:
+            grounded["objects"].append({"name": r["expression"], "names": [r["expression"]], "box": box})
+        elif r["expression"] not in same["names"]:
+            same["names"].append(r["expression"])
     return list(by_image.values())
 
 
@@ -622,15 +631,24 @@ def grounding_description_sample(grounded, rng):
     return _sample(grounded, DESCRIPTION_PROMPT, answer)
 
 
+TEXTLESS_KINDS = {"object_to_box", "box_to_object", "relation"}  # they show an object's box or image, not its name
+
+
 def stage2_samples(grounded_images: list[dict], seed: int = 0) -> list[dict]:
-    """One sample per object of every grounded image, of a kind drawn by the STAGE2_KINDS shares (REC when
-    the image cannot make the kind drawn)."""
+    """One sample per expression of every object (RefCOCO's objects have several), of a kind drawn by the
+    STAGE2_KINDS shares; REC when the image cannot make the kind drawn, or when the kind would not show the
+    expression and the object already has a sample of such a kind (it would repeat it)."""
     rng, samples = random.Random(seed), []
     kinds, shares = list(STAGE2_KINDS), [share for _, share in STAGE2_KINDS.values()]
     for grounded in grounded_images:
         for obj in grounded["objects"]:
-            build = STAGE2_KINDS[rng.choices(kinds, shares)[0]][0]
-            samples.append(build(grounded, rng, obj) or rec_sample(grounded, rng, obj))
+            textless_done = False
+            for name in obj.get("names") or [obj["name"]]:
+                target, kind = {**obj, "name": name}, rng.choices(kinds, shares)[0]
+                sample = None if kind in TEXTLESS_KINDS and textless_done else STAGE2_KINDS[kind][0](
+                    grounded, rng, target)
+                textless_done |= sample is not None and kind in TEXTLESS_KINDS
+                samples.append(sample or rec_sample(grounded, rng, target))
     return samples
 
 
@@ -762,49 +780,75 @@ def collate(items: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- commands
 
 
-def convert(source: str, option):
-    """Write a real dataset as a JSONL file of samples for `train.py --data1/2/3` (images relative to the
-    `--image_root` that training will be given, so --image-dir is the folder under that root)."""
-    image_dir, seed = option("--image-dir", ""), option("--seed", 0, int)
-    if source == "llava-pretrain":
-        samples = read_llava_pretrain(option("--file"), check_file=False, seed=seed)
-    elif source in ("refcoco", "rec-jsonl", "vg", "flickr30k"):
-        if source == "refcoco":
-            grounded = group_referring(read_refcoco(option("--instances"), option("--refs"),
-                                                    option("--split", "train"), image_dir))
-        elif source == "rec-jsonl":
-            grounded = group_referring(read_rec_jsonl(option("--file"), image_dir))
-        elif source == "vg":
-            grounded = read_visual_genome(option("--regions"), option("--image-data"), image_dir)
-        else:
-            ids = open(option("--ids")).read().split()
-            grounded = read_flickr30k_entities(option("--root"), ids, image_dir)
-        samples = (stage3_samples if option("--stage", "2") == "3" else stage2_samples)(grounded, seed)
+# source -> (what it reads, its own options: (flag, help, default or None when required))
+CONVERTERS = {
+    "llava-pretrain": ("LLaVA-Pretrain captions (stage 1)",
+                       [("--file", "blip_laion_cc_sbu_558k.json, or its _meta.json", None)]),
+    "refcoco": ("RefCOCO/+/g as published (stage 2, or 3 with --stage 3)",
+                [("--instances", "COCO's instances.json of the dataset", None),
+                 ("--refs", "refs(unc).p or refs(umd).p", None), ("--split", "train, val, testA, ...", "train")]),
+    "rec-jsonl": ("the common REC jsonl layout, as Shikra's REC_refcoco_unc_*.jsonl (stage 2 or 3)",
+                  [("--file", "a .jsonl of {img_path, expression, bbox, width, height}", None)]),
+    "vg": ("Visual Genome region descriptions (stage 2 or 3)",
+           [("--regions", "region_descriptions.json", None), ("--image-data", "image_data.json", None)]),
+    "flickr30k": ("Flickr30K Entities (stage 2 or 3)",
+                  [("--root", "the folder with Annotations/ and Sentences/", None),
+                   ("--ids", "a file of image ids, as train.txt", None)]),
+}
+
+
+IMAGE_PATHS = ("Image paths are written as --image-dir joined to the dataset's own paths: relative to the "
+               "--image_root that training is given (or absolute, when --image-dir is).")
+
+
+def convert(args) -> None:
+    """Write a real dataset as a JSONL file of samples for `train.py --data1/2/3` (see IMAGE_PATHS)."""
+    if args.source == "llava-pretrain":
+        samples = read_llava_pretrain(args.file, check_file=False, seed=args.seed)
+        samples = [{**s, "image": os.path.join(args.image_dir, s["image"])} if s.get("image") else s
+                   for s in samples]
     else:
-        sys.exit("usage: python data.py convert {llava-pretrain,refcoco,rec-jsonl,vg,flickr30k} --out F.jsonl"
-                 " [--stage 2|3] [--image-dir DIR] and the source's files: llava-pretrain --file; refcoco "
-                 "--instances --refs --split; rec-jsonl --file; vg --regions --image-data; flickr30k --root "
-                 "--ids (a file of image ids, as train.txt)")
-    out = option("--out", "samples.jsonl")
-    with open(out, "w") as f:
+        if args.source == "refcoco":
+            grounded = group_referring(read_refcoco(args.instances, args.refs, args.split, args.image_dir))
+        elif args.source == "rec-jsonl":
+            grounded = group_referring(read_rec_jsonl(args.file, args.image_dir))
+        elif args.source == "vg":
+            grounded = read_visual_genome(args.regions, args.image_data, args.image_dir)
+        else:
+            ids = open(args.ids).read().split()
+            grounded = read_flickr30k_entities(args.root, ids, args.image_dir)
+        samples = (stage3_samples if args.stage == "3" else stage2_samples)(grounded, args.seed)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
         for k, sample in enumerate(samples):
             internal = ("where", "image_root")
-            sample = {"id": f"{source}-{k}", **{key: v for key, v in sample.items() if key not in internal}}
+            sample = {"id": f"{args.source}-{k}", **{key: v for key, v in sample.items() if key not in internal}}
             f.write(json.dumps(sample) + "\n")
-    print(f"wrote {len(samples)} samples to {out}")
+    os.replace(tmp, args.out)
+    print(f"wrote {len(samples)} samples to {args.out}")
 
 
 def main(argv: list[str]):
-    def option(name, default=None, cast=str):
-        if name not in argv and default is None:
-            sys.exit(f"error: {' '.join(argv[:2])} needs {name} (python data.py --help)")
-        return cast(argv[argv.index(name) + 1]) if name in argv else default
-
-    command = argv[0] if argv else ""
-    if command == "convert":
-        convert(argv[1] if len(argv) > 1 else "", option)
-    else:
-        sys.exit(__doc__)
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    convert_parser = commands.add_parser("convert", help="turn a real dataset into training samples (JSONL)",
+                                         description="Turn a real dataset into training samples (JSONL). "
+                                                     "python data.py convert SOURCE --help: SOURCE's options.")
+    sources = convert_parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    for source, (what, options) in CONVERTERS.items():
+        p = sources.add_parser(source, help=what, description=f"{what}. {IMAGE_PATHS}")
+        for flag, help_text, default in options:
+            p.add_argument(flag, required=default is None, default=default, help=help_text)
+        p.add_argument("--out", required=True, help="the JSONL file to write")
+        p.add_argument("--image-dir", default="", help="folder of the images, relative to train.py's --image_root")
+        if source != "llava-pretrain":
+            p.add_argument("--stage", choices=["2", "3"], default="2",
+                           help="2: the stage-2 sample kinds; 3: grounding conversations and descriptions")
+        p.add_argument("--seed", type=int, default=0, help="seed of the sampled instructions and kinds")
+    args = parser.parse_args(argv)
+    if args.command == "convert":
+        convert(args)
 
 
 if __name__ == "__main__":

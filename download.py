@@ -1,9 +1,12 @@
 """Download the public checkpoints (Qwen2.5, CLIP ViT-L/14-336, DINOv2-L) from the Hugging Face Hub.
 
-    python download.py all-3b                     # Qwen2.5-3B-Instruct + CLIP-L/336 + DINOv2-L
+    python download.py all-3b                     # Qwen2.5-3B-Instruct + CLIP-L/336 + DINOv2-L into weights/
     python download.py qwen2.5-1.5b dinov2-l --out weights/
+    python download.py Qwen/Qwen2.5-7B-Instruct --out weights/qwen2.5-7b     # any Hub repo id, into that folder
 
-Each checkpoint lands in OUT/<name>/ (config.json, tokenizer.json for Qwen, weights). Files are fetched from
+A named checkpoint lands in OUT/<name>/ (config.json, tokenizer.json for Qwen, weights); a repo id in OUT
+itself (default weights/<its name, lowercased>), with config.json, tokenizer.json if it has one, and its
+weights. Files are fetched from
 `{HF_ENDPOINT or https://huggingface.co}/{repo}/resolve/main/{file}` with `HF_TOKEN` as a Bearer token.
 Downloads go to `<file>.part` and are renamed only once the size matches, so an interrupted run resumes
 where it stopped (HTTP Range) when rerun, and finished files are skipped.
@@ -112,30 +115,62 @@ def download_weights(session: requests.Session, repo: str, out_dir: Path) -> lis
     raise DownloadError(f"{repo}: no model.safetensors[.index.json] nor pytorch_model.bin on the Hub")
 
 
-def download(name: str, out: str | Path = "weights") -> Path:
-    """Download checkpoint `name` (a key of MODELS) into out/name and return that directory."""
-    repo, files = MODELS[name]
-    out_dir = Path(out) / name
+def repo_for(path: str, component: str) -> str:
+    """The Hub repo whose snapshot a directory named like `path` should hold (weights/qwen2.5-7b ->
+    Qwen/Qwen2.5-7B-Instruct); the paper's default for the component (clip, dino, qwen) otherwise."""
+    base = os.path.basename(os.path.normpath(path)).lower()
+    for name, (repo, _) in MODELS.items():
+        if name in base or repo.lower().endswith("/" + base):
+            return repo
+    return MODELS[{"clip": "clip-l-336", "dino": "dinov2-l", "qwen": "qwen2.5-3b"}[component]][0]
+
+
+def download_repo(repo: str, out_dir: str | Path, files: list[str] | None = None) -> Path:
+    """Download `files` (default: config.json, and tokenizer.json when the repo has one) and the weights of
+    Hub repo `repo` into out_dir, and return it."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with new_session() as session:
-        for filename in files:
+        for filename in files or ["config.json"]:
             download_file(session, repo, filename, out_dir)
+        if files is None:
+            try:
+                download_file(session, repo, "tokenizer.json", out_dir)
+            except NotOnHub:
+                pass
         download_weights(session, repo, out_dir)
     return out_dir
 
 
+def download(name: str, out: str | Path = "weights") -> Path:
+    """Download checkpoint `name` (a key of MODELS) into out/name and return that directory."""
+    repo, files = MODELS[name]
+    return download_repo(repo, Path(out) / name, files)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="+", choices=[*MODELS, *BUNDLES], metavar="NAME",
-                        help=f"one or more of: {', '.join([*MODELS, *BUNDLES])}")
-    parser.add_argument("--out", default="weights", help="parent directory (default: weights/)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="+", metavar="NAME",
+                        help=f"one or more of: {', '.join([*MODELS, *BUNDLES])}, or Hub repo ids (org/name)")
+    parser.add_argument("--out", help="for NAMEs: the parent folder (default: weights/); for one repo id: the "
+                                      "checkpoint's own folder (default: weights/<name>)")
     args = parser.parse_args(argv)
-    names = [n for name in args.names for n in BUNDLES.get(name, [name])]
-    for name in dict.fromkeys(names):  # dedupe, keep order
-        print(f"{name}: {MODELS[name][0]} -> {Path(args.out) / name}")
+    repos = [n for n in args.names if "/" in n]
+    unknown = [n for n in args.names if "/" not in n and n not in MODELS and n not in BUNDLES]
+    if unknown:
+        parser.error(f"unknown NAME {unknown[0]!r}: one of {', '.join([*MODELS, *BUNDLES])}, or a repo id org/name")
+    if repos and args.out and len(args.names) > 1:
+        parser.error("--out with a repo id names that checkpoint's folder: give one repo id per command")
+    jobs = []
+    for name in dict.fromkeys(n for given in args.names for n in BUNDLES.get(given, [given])):  # dedupe, in order
+        if "/" in name:
+            jobs.append((name, Path(args.out or Path("weights") / name.split("/")[-1].lower()), None))
+        else:
+            jobs.append((MODELS[name][0], Path(args.out or "weights") / name, MODELS[name][1]))
+    for repo, out_dir, files in jobs:
+        print(f"{repo} -> {out_dir}")
         try:
-            download(name, args.out)
+            download_repo(repo, out_dir, files)
         except DownloadError as e:
             sys.exit(f"error: {e}")
 

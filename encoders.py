@@ -62,6 +62,11 @@ class VisionConfig:
                              f"{self.num_layers}] for a tower of {self.num_layers} layers")
 
     @property
+    def blocks_run(self) -> int:
+        """How many blocks run to reach feature_layer (-2 of 24: 23)."""
+        return self.feature_layer % (self.num_layers + 1)
+
+    @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
@@ -122,38 +127,29 @@ class VisionTower(nn.Module):
         native_positions = (config.native_image_size // patch) ** 2 + 1
         self.position_embedding = nn.Parameter(torch.zeros(native_positions, width))  # checkpoint's table
         self.pre_norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if clip else None
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        # the table resized to image_size, computed once here and after every load_state_dict
-        self.register_buffer("resized_positions", None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.resize_positions())
+        # only the blocks up to the feature layer: later ones would never run (an idle block is dead weight, and
+        # under FSDP2 an unit that never runs breaks gradient accumulation), so they are neither built nor loaded
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.blocks_run))
         self.apply(init_weights)
-        self.resize_positions()
-
-    @torch.no_grad()
-    def resize_positions(self):
-        """Interpolate the patch position table to image_size, as transformers 5.24's Dinov2Embeddings does:
-        bicubic to size=(n, n) (not the older scale_factor=(n+0.1)/native variant), align_corners=False,
-        in fp32, cast back; CLS position untouched. Applies to CLIP too when run off its native size."""
-        config = self.config
-        if config.image_size == config.native_image_size or self.position_embedding.is_meta:
-            self.resized_positions = None
-            return
-        self.resized_positions = resize_position_table(self.position_embedding, self.grid)
 
     def forward(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """pixel_values [B, 3, S, S] -> patch tokens of hidden_states[layer] [B, num_patches, width]."""
+        """pixel_values [B, 3, S, S] -> patch tokens of hidden_states[layer] [B, num_patches, width]; `layer`
+        counts as transformers does (0 = embeddings, -1 = the last block of the checkpoint) and may not lie
+        past the feature layer, whose blocks this tower holds."""
         config = self.config
         layer = config.feature_layer if layer is None else layer
         num_blocks = layer if layer >= 0 else config.num_layers + 1 + layer  # hidden_states has L+1 entries
-        if not 0 <= num_blocks <= config.num_layers:
-            raise ValueError(f"layer={layer} is outside [-{config.num_layers + 1}, {config.num_layers}]")
+        if not 0 <= num_blocks <= len(self.blocks):
+            raise ValueError(f"layer={layer} is outside [-{config.num_layers + 1}, {config.num_layers}] or past "
+                             f"feature_layer={config.feature_layer}: this tower holds {len(self.blocks)} of the "
+                             f"{config.num_layers} blocks")
         if pixel_values.shape[1:] != (3, config.image_size, config.image_size):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, expected "
                              f"[B, 3, {config.image_size}, {config.image_size}] for this {config.kind} tower")
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [B, width, n, n]
         x = x.flatten(2).transpose(1, 2)  # [B, n*n, width]
         cls = self.cls_token.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positions()  # [B, 1 + n*n, width]
+        x = torch.cat([cls, x], dim=1) + self.positions().to(x.dtype)  # [B, 1 + n*n, width]
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         for block in self.blocks[:num_blocks]:
@@ -161,15 +157,19 @@ class VisionTower(nn.Module):
         return x[:, 1:]
 
     def positions(self) -> torch.Tensor:
-        if self.resized_positions is None:
+        """The position table at the size we run at [1 + n*n, width]: the stored one, or (off the native
+        size) resized from it in every forward, as transformers does. That costs ~10 MFLOPs at 518 -> 336 next
+        to the tower's ~0.2 TFLOPs per image, and, unlike a cached copy, is never stale after a load nor of
+        another dtype or placement than the table (FSDP2 gathers and casts parameters, not buffers)."""
+        if self.config.image_size == self.config.native_image_size:
             return self.position_embedding
-        if torch.is_grad_enabled() and self.position_embedding.requires_grad:  # training: keep the graph
-            return resize_position_table(self.position_embedding, self.grid)
-        return self.resized_positions
+        return resize_position_table(self.position_embedding, self.grid)
 
 
 def resize_position_table(table: torch.Tensor, side: int) -> torch.Tensor:
-    """[1 + m*m, width] -> [1 + side*side, width], bicubic on the patch grid (see resize_positions)."""
+    """[1 + m*m, width] -> [1 + side*side, width] as transformers 5.24's Dinov2Embeddings interpolates: bicubic
+    to size=(side, side) (not the older scale_factor=(side+0.1)/m variant), align_corners=False, in fp32, cast
+    back; the CLS position untouched. CLIP off its native size is resized the same way."""
     cls, grid = table[:1], table[1:]
     m = math.isqrt(grid.shape[0])
     if m * m != grid.shape[0]:
@@ -222,7 +222,7 @@ def checkpoint_names(config: VisionConfig) -> dict[str, str]:
                  "k_proj": "attention.attention.key", "v_proj": "attention.attention.value",
                  "out_proj": "attention.output.dense", "norm2": "norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
         prefix = "encoder.layer.{}."
-    for i in range(config.num_layers):
+    for i in range(config.num_layers):  # every block of the checkpoint; load_vision_tower skips the unused
         for ours, theirs in block.items():
             for p in ("weight", "bias"):
                 names[f"blocks.{i}.{ours}.{p}"] = prefix.format(i) + f"{theirs}.{p}"
@@ -232,9 +232,10 @@ def checkpoint_names(config: VisionConfig) -> dict[str, str]:
     return names
 
 
-def read_config(path: str, image_size: int | None = None) -> VisionConfig:
+def read_config(path: str, image_size: int | None = None, feature_layer: int = -2) -> VisionConfig:
     """VisionConfig from a Hub config.json of a CLIPModel (vision_config inside), CLIPVisionModel or
-    Dinov2Model. image_size: the size to run at (None: the checkpoint's own)."""
+    Dinov2Model. image_size: the size to run at (None: the checkpoint's own); feature_layer: the hidden state
+    whose patches are the features (-2, LLaVA's choice, which the paper follows)."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} not found: a vision tower directory needs config.json plus model."
@@ -264,7 +265,7 @@ def read_config(path: str, image_size: int | None = None) -> VisionConfig:
     return VisionConfig(kind=kind, hidden_size=get("hidden_size"), num_layers=get("num_hidden_layers"),
                         num_heads=get("num_attention_heads"), mlp_size=mlp, patch_size=get("patch_size"),
                         image_size=image_size or get("image_size"), native_image_size=get("image_size"),
-                        layer_norm_eps=get("layer_norm_eps"))
+                        layer_norm_eps=get("layer_norm_eps"), feature_layer=feature_layer)
 
 
 def checkpoint_files(path: str) -> tuple[dict[str, str], Callable[[str], torch.Tensor]]:
@@ -296,11 +297,11 @@ def checkpoint_files(path: str) -> tuple[dict[str, str], Callable[[str], torch.T
                             "(+ shards) or pytorch_model.bin (download the snapshot with download.py)")
 
 
-def load_vision_tower(path: str, dtype=torch.float32, device="cpu", image_size: int | None = None
-                      ) -> VisionTower:
+def load_vision_tower(path: str, dtype=torch.float32, device="cpu", image_size: int | None = None,
+                      feature_layer: int = -2) -> VisionTower:
     """Load a CLIP or DINOv2 tower from a Hub-style directory. Every checkpoint tensor is consumed or on
     SKIP, every parameter is filled, every shape checked; otherwise a ValueError lists the offending keys."""
-    config = read_config(path, image_size)
+    config = read_config(path, image_size, feature_layer)
     sources, get = checkpoint_files(path)
     # CLIPModel (and CLIPVisionModel saved by transformers < 5) prefix the vision tower with `vision_model.`
     strip = lambda k: k.removeprefix("vision_model.") if config.kind == "clip" else k
@@ -308,6 +309,10 @@ def load_vision_tower(path: str, dtype=torch.float32, device="cpu", image_size: 
     with torch.device("meta"):
         tower = VisionTower(config)
     wanted = checkpoint_names(config)
+    # the blocks after the feature layer are not in the tower (they would never run): their tensors are skipped
+    beyond = {theirs for ours, theirs in wanted.items()
+              if ours.startswith("blocks.") and int(ours.split(".")[1]) >= config.blocks_run}
+    wanted = {ours: theirs for ours, theirs in wanted.items() if theirs not in beyond}
     assert set(wanted) == set(dict(tower.named_parameters())), "checkpoint_names out of sync with VisionTower"
 
     state, missing, bad_shapes = {}, [], []
@@ -325,7 +330,7 @@ def load_vision_tower(path: str, dtype=torch.float32, device="cpu", image_size: 
             bad_shapes.append(f"{key} in {sources[key]}: {list(tensor.shape)}, expected {list(expected)}")
             continue
         state[ours] = tensor.reshape(expected).to(device=device, dtype=dtype)
-    used = set(wanted.values())
+    used = set(wanted.values()) | beyond
     skip = re.compile("|".join(f"(?:{p})" for p in SKIP[config.kind]))
     unexpected = [f"{available[k]} (in {sources[available[k]]})" for k in sorted(available)
                   if k not in used and not skip.fullmatch(k)]
@@ -343,7 +348,7 @@ def load_vision_tower(path: str, dtype=torch.float32, device="cpu", image_size: 
         raise ValueError(f"checkpoint {path} does not match the {config.kind} tower of its config.json "
                          f"({config.num_layers} layers, width {config.hidden_size}):\n  "
                          + "\n  ".join(problems))
-    tower.load_state_dict(state, strict=True, assign=True)  # the post-hook resizes the position table
+    tower.load_state_dict(state, strict=True, assign=True)
     return tower.eval()
 
 

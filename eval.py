@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import time
 
 import torch
@@ -174,23 +175,22 @@ def splits_of(args) -> dict[str, list[dict]]:
             ) from None
         return checked({args.split: records})
     if os.path.isdir(args.data):
-        files = sorted(f for f in os.listdir(args.data) if f.startswith(prefix) and f.endswith((".jsonl", ".json")))
+        # rec_NAME.jsonl / pope_NAME.jsonl, and POPE's own coco_pope_{random,popular,adversarial}.json
+        pattern = re.compile(rf"(?:\w+_)?{prefix}(\w+)\.jsonl?")
+        files = sorted(f for f in os.listdir(args.data) if pattern.fullmatch(f))
         if not files:
             raise SystemExit(
                 f"error: {args.data} holds no {prefix}*.jsonl file (python shapes.py splits "
                 f"--out {args.data} writes the shapes splits)"
             )
-        paths = [os.path.join(args.data, f) for f in files]
+        paths = {pattern.fullmatch(f)[1]: os.path.join(args.data, f) for f in files}
     elif os.path.isfile(args.data):
-        paths = [args.data]
+        paths = {os.path.splitext(os.path.basename(args.data))[0].removeprefix(prefix): args.data}
     else:
         raise SystemExit(f"error: --data {args.data} does not exist")
     read = data.read_rec_jsonl if args.task == "rec" else read_pope
     try:
-        splits = {
-            os.path.splitext(os.path.basename(p))[0].removeprefix(prefix): read(p, args.image_dir or os.path.dirname(p))
-            for p in paths
-        }
+        splits = {name: read(p, args.image_dir or os.path.dirname(p)) for name, p in paths.items()}
     except ValueError as e:  # data.SampleError names file and line
         raise SystemExit(f"error: {e}; expected {prefix}*.jsonl records in the documented layout") from None
     return checked(splits)
@@ -237,18 +237,14 @@ def main(argv=None):
     results, all_rows = {}, []
     for name, records in splits.items():
         start = time.time()
-        rows = evaluate(
-            model,
-            tok,
-            records[rank::world],
-            args.batch_size,
-            args.workers,
-            desc=f"{args.task} {name}" if rank == 0 else "",
-        )
+        mine = range(len(records))[rank::world]  # this process's questions; rows go back in input order
+        rows = evaluate(model, tok, [records[i] for i in mine], args.batch_size, args.workers,
+                        desc=f"{args.task} {name}" if rank == 0 else "")
+        rows = [{"index": i, **row} for i, row in zip(mine, rows)]
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
+            rows = sorted((row for part in gathered for row in part), key=lambda row: row["index"])
         if args.task == "rec":
             results[name] = summarize_rec(rows, time.time() - start)
         else:

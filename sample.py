@@ -290,7 +290,8 @@ class ChatServer:
     def __init__(self, model: TinyGroundingGPT, tok: data.Tokenizer, name: str):
         self.model, self.tok, self.name, self.lock, self.count = model, tok, name, threading.Lock(), 0
 
-    def complete(self, request: dict) -> dict:
+    def complete(self, request: dict) -> tuple[dict, list[str]]:
+        """The chat.completion for a request, and its content cut into the tokens' texts (for streaming)."""
         if not isinstance(request, dict):
             raise RequestError(400, "the body must be a JSON object")
         system, turns, image = chat_turns(request.get("messages"))
@@ -314,6 +315,8 @@ class ChatServer:
             )
         if objects and image is None:
             raise RequestError(400, "'objects' are boxes on the image: send an image too")
+        if not isinstance(request.get("stream", False), bool):
+            raise RequestError(400, f"stream must be true or false, got {request['stream']!r}")
         with self.lock:
             session = Session(self.model, self.tok, image, objects, system)
             session.history = turns[:-1]
@@ -323,7 +326,8 @@ class ChatServer:
                 raise RequestError(400, str(e)) from None
             self.count += 1
             prompt, completion = len(session.last["prompt_ids"]), len(session.last["answer_ids"])
-        return {
+            pieces = self.token_texts(session.last["answer_ids"])
+        response = {
             "id": f"chatcmpl-{self.count}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -337,6 +341,30 @@ class ChatServer:
             ],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
+        return response, pieces
+
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """The answer's text cut where its tokens end (a token that ends inside a UTF-8 character joins the
+        next), so that the pieces join to exactly the answer."""
+        pieces, done = [], ""
+        for i in range(1, len(ids) + 1):
+            text = self.tok.decode(ids[:i])
+            if not text.endswith("\ufffd") and text.startswith(done) and len(text) > len(done):
+                pieces.append(text[len(done):])
+                done = text
+        full = self.tok.decode(ids)
+        return pieces + ([full[len(done):]] if full[len(done):] else [])
+
+
+def stream_chunks(response: dict, pieces: list[str]) -> list[dict]:
+    """A chat.completion as the chunks of OpenAI's streaming format: the role, each piece of the content, and
+    the finish reason with the usage. The model writes the answer in one call, so the chunks follow it."""
+    head = {k: response[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    choice = response["choices"][0]
+    chunk = lambda delta, finish=None: {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return ([chunk({"role": "assistant", "content": ""})] + [chunk({"content": p}) for p in pieces]
+            + [{**chunk({}, choice["finish_reason"]), "usage": response["usage"]}])
 
 
 def make_handler(server: ChatServer):
@@ -348,6 +376,18 @@ def make_handler(server: ChatServer):
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
+
+        def stream(self, chunks: list[dict]):
+            """Server-sent events, one `data:` line per chunk, then `data: [DONE]`; the connection closes."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for chunk in chunks:
+                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
 
         def error(self, status: int, message: str):
             self.reply(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
@@ -373,7 +413,10 @@ def make_handler(server: ChatServer):
                 if length > 32 * 2**20:
                     return self.error(413, "request larger than 32 MiB")
                 request = json.loads(self.rfile.read(length) or b"null")
-                self.reply(200, server.complete(request))
+                response, pieces = server.complete(request)
+                if request.get("stream"):
+                    return self.stream(stream_chunks(response, pieces))
+                self.reply(200, response)
             except json.JSONDecodeError as e:
                 self.error(400, f"the body is not JSON ({e})")
             except RequestError as e:
@@ -424,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     image = None if args.serve else open_image(args.image)
     objects = [parse_object_box(b) for b in args.object]
     model, tok = load(args.ckpt, args.device)
+    shipped = os.path.abspath(args.ckpt) == DEFAULT_CKPT
+    print(f"model: {args.ckpt}" + (" (the shipped shapes model: it knows only the shapes world; --ckpt DIR answers "
+                                   "with another)" if shipped else ""), file=sys.stderr, flush=True)
     if args.serve:
         httpd = serve(model, tok, os.path.basename(os.path.normpath(args.ckpt)), args.host, args.port)
         try:

@@ -16,9 +16,11 @@ autocast when not sharded); gradients reduced in fp32; norms, softmax and the lo
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import download
 import shapes
 from encoders import ImageProcessor, VisionConfig
 from model import Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
@@ -41,59 +44,57 @@ from model import Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
 class TrainConfig:
     stage: str = "1"  # 1, 2, 3, or "all" (1 then 2 then 3)
     preset: str = "paper"  # "paper" (public checkpoints + your data) or "shapes" (tiny, embedded world)
-    out_dir: str = "runs/tgg"
+    out_dir: str = "runs/tgg"  # each phase exports to {out_dir}/{phase}; checkpoints, metrics and logs go here too
     init: str = ""  # model dir to start from; default: the previous phase's export in out_dir
-    # stage-1 components (paper preset): directories laid out as Hub snapshots (see download.py)
-    clip: str = "weights/clip-l-336"
-    dino: str = "weights/dinov2-l"
-    qwen: str = "weights/qwen2.5-3b"
-    # data (paper preset): comma-separated JSON/JSONL files in data.py's sample format, per stage
-    data1: str = ""
-    data2: str = ""
-    data3: str = ""
-    image_root: str = ""
-    skip_bad: bool = True  # skip and count bad records instead of stopping (counts printed at the end)
+    clip: str = "weights/clip-l-336"  # a new model's CLIP: a Hub snapshot dir (python download.py --help)
+    dino: str = "weights/dinov2-l"  # a new model's DINOv2: a Hub snapshot dir
+    qwen: str = "weights/qwen2.5-3b"  # a new model's Qwen2.5 (with tokenizer.json): a Hub snapshot dir
+    image_size: int = 336  # pixels the towers run at (a new model only): CLIP-L/336's own; DINOv2's table resized
+    data1: str = ""  # stage 1's data (paper preset): JSON/JSONL files in data.py's sample format, comma-separated
+    data2: str = ""  # stage 2's data, as data1
+    data3: str = ""  # stage 3's data, as data1
+    image_root: str = ""  # the folder that the samples' image paths are relative to
+    skip_bad: bool = True  # skip and count bad records instead of stopping (counts printed at the start and end)
+    max_missing_images: float = 0.01  # stop before training if a larger share of samples' images is missing (1: go on)
     max_len: int = 2048  # tokens per sample; longer samples are cut (and counted)
-    # optimisation; -1 / 0 means "the stage's default from Table 6"
-    batch_size: int = -1  # global batch, in samples
+    # optimisation (-1: the phase's value from Table 6, PHASES below):
+    batch_size: int = -1  # global batch in samples, over all processes and micro-batches (-1: Table 6's)
     micro_batch_size: int = 4  # per process and forward pass; gradient accumulation makes up the rest
     length_group: int = 16  # global batches per length-sorted megabatch (1: group only inside a batch)
-    lr: float = -1.0
-    epochs: float = -1.0
+    lr: float = -1.0  # peak learning rate (-1: Table 6's for the phase)
+    epochs: float = -1.0  # passes over the phase's data (-1: Table 6's)
     max_steps: int = -1  # stop after this many optimizer steps (per phase) even if the epochs are not done
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    dtype: str = "bfloat16"  # compute dtype: bfloat16 or float32
-    compile: bool = False
-    activation_checkpointing: bool = False
-    num_workers: int = 2
-    seed: int = 1337
+    warmup_ratio: float = 0.03  # share of the steps with a linear warm-up, then cosine decay to zero
+    weight_decay: float = 0.0  # AdamW's
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    dtype: str = "bfloat16"  # compute dtype: bfloat16 or float32 (master weights and optimizer: always fp32)
+    compile: bool = False  # torch.compile each LM block (GPU: faster steps after a minute of compiling)
+    activation_checkpointing: bool = False  # recompute each LM block's activations in the backward (less memory)
+    num_workers: int = 2  # DataLoader worker processes per training process
+    seed: int = 1337  # model init, data order and sample draws
     # where the image's tokens stand in the first question (the model's config.json keeps it for eval/sample):
     # False = before it, LLaVA's and the paper's order
     image_after_question: bool = False
-    log_every: int = 1
+    log_every: int = 1  # optimizer steps between log lines
     ckpt_every: int = 200  # optimizer steps between resumable checkpoints (and one at the end)
-    # shapes preset only
+    keep_checkpoints: bool = False  # keep {phase}-ckpt after the phase's export (it is ~3x the export's size)
+    # shapes preset only:
     tower_steps: int = 400  # steps of batch 64 pretraining the tiny towers before stage 1 (0: none)
     tower_digits: bool = False  # the towers also learn the digits of each box coordinate (helps short runs only)
     train_towers: bool = False  # also train the towers in the stages (the paper freezes them)
     shapes_samples: str = "3200,3200,28800,6400"  # samples per epoch: stage1 pretrain, finetune, 2, 3
     shapes_rounds: int = 1  # stage-2 questions per image (each about another object of the scene)
-    # stage 2 and 3's mix of sample kinds, "rec:1" or "pope:1,rec:1" (shapes.STAGE2_KINDS / STAGE3_KINDS names;
-    # default: theirs), and the training scenes, shapes.SceneConfig fields "min_objects=2,duplicate_prob=0":
-    # the knobs of a curriculum
+    # stage 2 and 3's mix of sample kinds: "rec:1", "pope:1,rec:1" (shapes.STAGE2_KINDS / STAGE3_KINDS names;
+    # default: theirs)
     shapes_kinds: str = ""
-    shapes_scene: str = ""
+    shapes_scene: str = ""  # the training scenes, shapes.SceneConfig fields: "min_objects=2,duplicate_prob=0"
     # weight of box_attention_loss (0: off; the shapes preset: 1), which tells the LM where a box answer's
     # object is in the image
     attention_loss: float = 0.0
-    # the shapes LM's size (a new model only: later phases keep their init model's): width (MLP 3x), blocks,
-    # query heads, key/value heads
-    llm_width: int = 128
-    llm_layers: int = 4
-    llm_heads: int = 4
-    llm_kv_heads: int = 2
+    llm_width: int = 128  # the shapes LM's width, MLP 3x (a new model only: later phases keep their init's)
+    llm_layers: int = 4  # the shapes LM's blocks (a new model only)
+    llm_heads: int = 4  # the shapes LM's query heads (a new model only)
+    llm_kv_heads: int = 2  # the shapes LM's key/value heads (a new model only)
 
 
 # Table 6 of the paper. "trains": which parts get gradients (the encoders never do in the paper).
@@ -133,6 +134,21 @@ SHAPES_PHASES = {  # from-scratch weights need far larger learning rates than fi
 }
 
 
+def field_help() -> dict[str, str]:
+    """What `--help` says of each key: the comments of its TrainConfig field (the full-line comments just
+    above it and the one after it)."""
+    helps, above = {}, []
+    for line in inspect.getsource(TrainConfig).splitlines()[2:]:
+        line = line.strip()
+        if line.startswith("#"):  # a section's heading ends with ":" and describes no field
+            above = above if line.endswith(":") else [*above, line.lstrip("# ")]
+            continue
+        if match := re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line):
+            helps[match[1]] = " ".join([*above, match[2] or ""]).strip()
+        above = []
+    return helps
+
+
 def parse_args(argv: list[str]) -> TrainConfig:
     """`--key=value` or `--key value` for every TrainConfig field (a bare `--flag` sets it true; `--out-dir`
     spells `--out_dir` too); unknown keys and bad values are errors; `--help` lists every key and default."""
@@ -144,13 +160,13 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
     parser = argparse.ArgumentParser(prog="train.py", usage="%(prog)s [--key=value ...]  (--help lists every key)",
                                      description=(__doc__ or "").split("\n\n")[0], allow_abbrev=False)
-    choices = {"stage": list(STAGE_PHASES), "preset": ["paper", "shapes"]}
+    choices, helps = {"stage": list(STAGE_PHASES), "preset": ["paper", "shapes"]}, field_help()
     for f in dataclasses.fields(TrainConfig):
         names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
         flag = isinstance(f.default, bool)
         kind = dict(type=boolean, nargs="?", const=True) if flag else dict(type=type(f.default))
         parser.add_argument(*names, dest=f.name, default=None, choices=choices.get(f.name),
-                            help=f"default: {f.default}", **kind)
+                            help=f"{helps.get(f.name, '')} (default: {f.default})".lstrip(), **kind)
     joined, i = [], 0  # "--key value" -> "--key=value", so that values may start with "-" (--lr -1e-3)
     while i < len(argv):
         arg = argv[i]
@@ -221,8 +237,9 @@ def barrier():
 # ----------------------------------------------------------------------------- the model of a phase
 
 
-def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGroundingGPT, str]:
-    """The phase's starting model (fp32 master weights) and the tokenizer.json that goes with it."""
+def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGroundingGPT, str, str]:
+    """The phase's starting model (fp32 master weights), the tokenizer.json that goes with it, and where the
+    model came from (for the log)."""
     previous = {"stage1": "stage1-pretrain", "stage2": "stage1", "stage3": "stage2"}.get(phase.name)
     if phase.name == "stage1-pretrain" and cfg.preset == "shapes" and cfg.tower_steps > 0:
         previous = "towers"
@@ -237,21 +254,18 @@ def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGro
             )
     if init:
         model = TinyGroundingGPT.from_pretrained(init, dtype=torch.float32, device=device)
-        return model, os.path.join(init, "tokenizer.json")
+        return model, os.path.join(init, "tokenizer.json"), init
     if cfg.preset == "shapes":
-        return new_shapes_model(cfg).to(device), shapes.SHAPES_TOKENIZER
-    for name, path, repo in [
-        ("clip", cfg.clip, "openai/clip-vit-large-patch14-336"),
-        ("dino", cfg.dino, "facebook/dinov2-large"),
-        ("qwen", cfg.qwen, "Qwen/Qwen2.5-3B-Instruct"),
-    ]:
+        return new_shapes_model(cfg).to(device), shapes.SHAPES_TOKENIZER, "a new random shapes model"
+    for name, path in [("clip", cfg.clip), ("dino", cfg.dino), ("qwen", cfg.qwen)]:
         if not os.path.exists(os.path.join(path, "config.json")):
+            repo = download.repo_for(path, name)
             sys.exit(
                 f"error: --{name}={path} has no config.json. Download the Hub snapshot of {repo} there "
-                f"(python download.py --help), or point --{name} at it."
+                f"(python download.py {repo} --out {path}), or point --{name} at it."
             )
-    model = TinyGroundingGPT.from_components(cfg.clip, cfg.dino, cfg.qwen).to(device)
-    return model, os.path.join(cfg.qwen, "tokenizer.json")
+    model = TinyGroundingGPT.from_components(cfg.clip, cfg.dino, cfg.qwen, image_size=cfg.image_size).to(device)
+    return model, os.path.join(cfg.qwen, "tokenizer.json"), f"{cfg.clip} + {cfg.dino} + {cfg.qwen}"
 
 
 def new_shapes_model(cfg: TrainConfig) -> TinyGroundingGPT:
@@ -295,9 +309,6 @@ def set_trainable(model: TinyGroundingGPT, trains: str, train_towers: bool) -> N
     if "llm" in trains:
         model.llm.requires_grad_(True)
     model.encoder.requires_grad_(train_towers)
-    for tower in model.encoder.towers:  # blocks after the feature layer never run: nothing to train there
-        used = tower.config.feature_layer % (tower.config.num_layers + 1)
-        tower.blocks[used:].requires_grad_(False)
     model.config.train_towers = train_towers  # the model runs frozen towers under no_grad, in eval mode
 
 
@@ -421,7 +432,7 @@ def load_checkpoint(model, optimizer, path: str, rank: int) -> None:
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False)
+    rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=True)  # tensors only: no pickle runs
     torch.set_rng_state(rng["torch"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -593,17 +604,11 @@ def shapes_stage_data(cfg: TrainConfig, name: str) -> shapes.ShapesStageData:
                  f"--shapes_kinds={cfg.shapes_kinds}: {e}")
 
 
-def build_dataset(cfg: TrainConfig, phase: PhaseSettings, model: TinyGroundingGPT, tokenizer):
+def build_dataset(cfg: TrainConfig, phase: PhaseSettings, model: TinyGroundingGPT, tokenizer, rank: int):
     if cfg.preset == "shapes":
         samples = shapes_stage_data(cfg, phase.name)
     else:
-        if not phase.data:
-            key = PHASES[phase.name]["data"]
-            sys.exit(
-                f"error: {phase.name} needs training data: --{key}=FILE.json[,FILE2.jsonl] in data.py's sample "
-                "format (python data.py --help lists the converters for LLaVA, RefCOCO, Visual Genome, ...)"
-            )
-        samples = data.load_samples(phase.data, image_root=cfg.image_root, skip_bad=cfg.skip_bad)
+        samples = load_phase_samples(cfg, phase, rank)
     return data.SFTDataset(
         samples,
         tokenizer,
@@ -616,6 +621,37 @@ def build_dataset(cfg: TrainConfig, phase: PhaseSettings, model: TinyGroundingGP
     )
 
 
+def load_phase_samples(cfg: TrainConfig, phase: PhaseSettings, rank: int) -> list[dict]:
+    """The phase's data files, checked before any training: bad records are counted (and said now), and when
+    more than cfg.max_missing_images of the samples' images are missing (a wrong --image_root, an unfinished
+    download) the run stops naming the first one."""
+    if not phase.data:
+        key = PHASES[phase.name]["data"]
+        sys.exit(
+            f"error: {phase.name} needs training data: --{key}=FILE.json[,FILE2.jsonl] in data.py's sample "
+            "format (python data.py --help lists the converters for LLaVA, RefCOCO, Visual Genome, ...)"
+        )
+    counter = data.SkipCounter() if cfg.skip_bad else None
+    samples = data.load_samples(phase.data, image_root=cfg.image_root, skip_bad=counter)
+    if counter is None:
+        return samples
+    for reason, n in counter.totals().items():
+        data.SKIPPED.counts[0, data.SkipCounter.REASONS.index(reason)] += n  # the phase's end-of-run summary
+    missing = counter.totals().get("missing image", 0)
+    share = missing / max(1, missing + len(samples))
+    if share > cfg.max_missing_images:
+        sys.exit(
+            f"error: {missing} of {missing + len(samples)} samples in {','.join(phase.data)} have no image "
+            f"({100 * share:.1f}% > --max_missing_images={cfg.max_missing_images:g}); the first: "
+            f"{counter.first['missing image']}. Check --image_root={cfg.image_root!r} (image paths are relative "
+            "to it), or pass --max_missing_images=1 to train without them."
+        )
+    if rank == 0:
+        print(f"{phase.name}: {len(samples)} samples from {','.join(phase.data)}; skipped: {counter}"
+              + (f" (first: {next(iter(counter.first.values()))})" if counter.first else ""))
+    return samples
+
+
 def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, device) -> None:
     out = os.path.join(cfg.out_dir, phase.name)
     if os.path.exists(os.path.join(out, "model.safetensors")):
@@ -623,7 +659,9 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             print(f"{phase.name}: already exported to {out}; skipping (delete it to train again)")
         return
     torch.manual_seed(cfg.seed)
-    model, tokenizer_path = build_model(cfg, phase, device)
+    model, tokenizer_path, source = build_model(cfg, phase, device)
+    if rank == 0:
+        print(f"{phase.name}: starts from {source}")
     tokenizer = data.Tokenizer.from_file(tokenizer_path)
     # The shapes model starts from random weights, so every phase trains the LLM (and the tiny towers); the
     # paper's projector-only pretraining presumes a pretrained LLM.
@@ -639,7 +677,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     if cfg.preset == "shapes" and size != flags and rank == 0:
         print(f"{phase.name}: the init model's LM (width, blocks, heads, KV heads) is {size}; the --llm_* flags "
               f"size a new model only")
-    dataset = build_dataset(cfg, phase, model, tokenizer)
+    dataset = build_dataset(cfg, phase, model, tokenizer, rank)
     if cfg.activation_checkpointing:
         model.llm.activation_checkpointing = True
     if cfg.compile:
@@ -764,6 +802,8 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     bar.close()
     export(model, out, tokenizer_path, rank)
     if rank == 0:
+        if not cfg.keep_checkpoints:  # the export is complete and is what the next phase starts from
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
         if history:
             draw_loss_curve(
                 [h["loss"] for h in history], os.path.join(cfg.out_dir, f"{phase.name}.loss.png"), phase.name

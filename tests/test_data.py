@@ -268,6 +268,35 @@ def test_llava_pretrain_both_layouts(tmp_path):
     assert instruction in data.BRIEF_INSTRUCTIONS and sample["conversations"][1]["value"] == "a cat"
 
 
+def test_llava_pretrain_converter_writes_paths_under_the_image_dir(tmp_path):
+    meta = [{"id": "1", "image": "00453/1.jpg", "blip_caption": "a cat"}]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "stage1.jsonl"
+    data.main(["convert", "llava-pretrain", "--file", str(tmp_path / "meta.json"), "--image-dir", "llava",
+               "--out", str(out)])
+    assert json.loads(out.read_text())["image"] == "llava/00453/1.jpg"  # relative to train.py's --image_root
+
+
+def test_refcoco_expressions_of_one_object_share_it(tmp_path):
+    """RefCOCO has 2-3 expressions per object: one object with every expression, a stage-2 sample per
+    expression (no sample that would not show the expression twice), each box once in a description."""
+    records = [{"image": "a.jpg", "width": 100, "height": 100, "expression": text, "bbox": box}
+               for text, box in [("left man", [0, 0, 40, 90]), ("man in red", [0, 0, 40, 90]),
+                                 ("man in red", [0, 0, 40, 90]), ("dog", [50, 50, 90, 90])]]
+    grounded = data.group_referring(records)
+    assert [o["names"] for o in grounded[0]["objects"]] == [["left man", "man in red"], ["dog"]]
+    description = data.grounding_description_sample(grounded[0], random.Random(0))["conversations"][1]["value"]
+    assert description.count("[0.000,0.000,0.400,0.900]") == 1
+    for seed in range(20):
+        samples = data.stage2_samples(grounded * 5, seed)
+        assert len(samples) == 15
+        texts = [json.dumps(s["conversations"]) for s in samples]
+        for k in range(0, 15, 3):  # image after image: the man's two samples, then the dog's
+            first, second = texts[k], texts[k + 1]
+            assert "man in red" not in first and "left man" not in second  # each about its own expression
+            assert "left man" in first or "man in red" in second  # at most one shows no expression
+
+
 def test_visual_genome_regions(tmp_path):
     region = lambda k, phrase, x, y, w, h: {"region_id": k, "image_id": 1, "phrase": phrase, "x": x, "y": y,
                                             "width": w, "height": h}

@@ -1,78 +1,25 @@
-"""download.py against a loopback HTTP server laying files out like the Hub (/{repo}/resolve/main/...)."""
+"""download.py against a loopback HTTP server laying files out like the Hub (/{repo}/resolve/main/..., weights
+through a redirect)."""
 
 import json
 import os
 import random
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from tiny_hub import FakeHub
 
 import download
 
 TOKEN = "hf_test_token"
 
 
-class FakeHub:
-    """Serves `files` {"/repo/resolve/main/file": bytes}; records (path, headers) of each request.
-
-    Paths in `truncate` get their first response cut after half the body (Content-Length still announces
-    the whole), as when a connection drops mid-download. Requests without the Bearer token get 401."""
-
-    def __init__(self):
-        self.files, self.requests, self.truncate = {}, [], set()
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                hub.requests.append((self.path, dict(self.headers)))
-                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-                    return self.send_error(401)
-                if self.path not in hub.files:
-                    return self.send_error(404)
-                data, start = hub.files[self.path], 0
-                if "Range" in self.headers:  # only the "bytes=START-" form download.py sends
-                    start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
-                        self.send_header("Content-Length", "0")
-                        return self.end_headers()
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.path in hub.truncate:
-                    hub.truncate.discard(self.path)
-                    body = body[: len(body) // 2]  # then HTTP/1.0 closes the connection: a short body
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def add(self, repo, filename, data):
-        self.files[f"/{repo}/resolve/main/{filename}"] = data
-        return data
-
-    def paths(self):
-        return [path for path, _ in self.requests]
-
-
 @pytest.fixture
 def hub(monkeypatch):
-    server = FakeHub()
+    server = FakeHub(token=TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", server.url + "/")  # trailing slash as users often write it
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.close()
 
 
 def blob(n, seed=0):
@@ -167,3 +114,23 @@ def test_missing_token_says_set_hf_token(hub, tmp_path, monkeypatch):
     with pytest.raises(download.DownloadError, match="401.*HF_TOKEN"):
         download.download("dinov2-l", tmp_path)
     assert "Authorization" not in hub.requests[-1][1]
+
+
+def test_any_repo_id_into_its_folder(hub, tmp_path):
+    config = hub.add("someone/Tiny-Model", "config.json", b"{}")
+    weights = hub.add("someone/Tiny-Model", "model.safetensors", blob(2000))  # no tokenizer.json: fine
+    download.main(["someone/Tiny-Model", "--out", str(tmp_path / "tiny")])
+    assert (tmp_path / "tiny" / "config.json").read_bytes() == config
+    assert (tmp_path / "tiny" / "model.safetensors").read_bytes() == weights
+    assert any(p.startswith("/cdn/") for p in hub.paths())  # the weights came through the redirect
+    with pytest.raises(SystemExit):
+        download.main(["someone/Tiny-Model", "dinov2-l", "--out", str(tmp_path)])  # --out would mean two things
+    with pytest.raises(SystemExit):
+        download.main(["qwen2.5-9b"])
+
+
+def test_repo_for_names_the_repo_a_folder_should_hold():
+    assert download.repo_for("weights/qwen2.5-7b", "qwen") == "Qwen/Qwen2.5-7B-Instruct"
+    assert download.repo_for("w/Qwen2.5-0.5B-Instruct/", "qwen") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert download.repo_for("elsewhere/vit", "clip") == "openai/clip-vit-large-patch14-336"
+    assert download.repo_for("weights/dinov2-l", "dino") == "facebook/dinov2-large"

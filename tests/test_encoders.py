@@ -87,7 +87,7 @@ def reference_states(ref, pixels, interpolate=False):
                                              ("dinov2", 12)])
 def test_parity_with_transformers(checkpoints, name, image_size):
     root, refs = checkpoints
-    tower = load_vision_tower(str(root / name), image_size=image_size)
+    tower = load_vision_tower(str(root / name), image_size=image_size, feature_layer=-1)  # every block
     size = tower.config.image_size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     # transformers' DINOv2 interpolates on its own; its CLIP only when asked
@@ -98,7 +98,9 @@ def test_parity_with_transformers(checkpoints, name, image_size):
             ours = tower(pixels, layer)
             assert ours.shape == (2, tower.config.num_patches, 32)
             torch.testing.assert_close(ours, states[layer][:, 1:], atol=1e-5, rtol=0, msg=f"layer {layer}")
-        torch.testing.assert_close(tower(pixels), states[-2][:, 1:], atol=1e-5, rtol=0)  # default layer
+    tower = load_vision_tower(str(root / name), image_size=image_size)  # the default feature layer, -2
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixels), states[-2][:, 1:], atol=1e-5, rtol=0)
 
 
 def test_checkpoint_layouts_are_what_they_claim(checkpoints):
@@ -110,37 +112,45 @@ def test_checkpoint_layouts_are_what_they_claim(checkpoints):
     assert any(k.startswith("text_model.") for k in weight_map)
 
 
-def test_only_needed_blocks_run(checkpoints):
+def test_only_needed_blocks_are_built_loaded_and_run(checkpoints):
     root, _ = checkpoints
-    tower = load_vision_tower(str(root / "dinov2"))
+    tower = load_vision_tower(str(root / "dinov2"))  # default feature_layer -2 of 3 blocks: 2 blocks
+    assert len(tower.blocks) == 2 and not any(k.startswith("blocks.2.") for k in tower.state_dict())
     calls = []
     for block in tower.blocks:
         block.register_forward_hook(lambda *_: calls.append(1))
-    tower(torch.randn(1, 3, 20, 20))  # default feature_layer -2 of 3 blocks: 2 blocks
+    tower(torch.randn(1, 3, 20, 20))
     assert len(calls) == 2
     calls.clear()
     tower(torch.randn(1, 3, 20, 20), layer=0)
     assert not calls
-    with pytest.raises(ValueError, match="layer=4"):
-        tower(torch.randn(1, 3, 20, 20), layer=4)
+    for layer in (4, -1):  # outside the checkpoint, or past the feature layer
+        with pytest.raises(ValueError, match=f"layer={layer} .*holds 2 of the 3 blocks"):
+            tower(torch.randn(1, 3, 20, 20), layer=layer)
     with pytest.raises(ValueError, match="expected"):
         tower(torch.randn(1, 3, 24, 24))
+    assert len(load_vision_tower(str(root / "dinov2"), feature_layer=0).blocks) == 0
 
 
-def test_bf16_load_and_resized_table_follows_loads(checkpoints):
+def test_bf16_tower_off_its_native_size_follows_its_table(checkpoints):
     root, refs = checkpoints
     tower = load_vision_tower(str(root / "dinov2"), dtype=torch.bfloat16, image_size=28)
-    assert all(p.dtype == torch.bfloat16 for p in tower.parameters())
-    assert tower.resized_positions.dtype == torch.bfloat16 and tower.resized_positions.shape == (50, 32)
+    assert all(p.dtype == torch.bfloat16 for p in tower.parameters()) and not list(tower.buffers())
+    assert tower.positions().dtype == torch.bfloat16 and tower.positions().shape == (50, 32)
     pixels = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
         out = tower(pixels).float()
     torch.testing.assert_close(out, reference_states(refs["dinov2"], pixels)[-2][:, 1:], atol=0.1, rtol=0.05)
-    # loading new weights through load_state_dict recomputes the cached table
-    before = tower.resized_positions.clone()
+    # new weights through load_state_dict: the resized table follows
     tower.load_state_dict({k: v + 1 for k, v in tower.state_dict().items()})
-    assert not torch.equal(tower.resized_positions, before)
-    assert torch.equal(tower.resized_positions, resize_position_table(tower.position_embedding, 7))
+    assert torch.equal(tower.positions(), resize_position_table(tower.position_embedding, 7))
+    # FSDP2's mixed precision casts the parameters to bf16 but leaves the input's dtype to the module: an fp32
+    # table (or a cached fp32 buffer) added to bf16 patches gave fp32 activations that CLIP's pre_norm refused
+    clip = load_vision_tower(str(root / "clip_vision"), image_size=24)
+    for p in clip.parameters():  # as FSDP2 casts: parameters only
+        p.data = p.data.to(torch.bfloat16)
+    with torch.no_grad():
+        assert clip(torch.randn(1, 3, 24, 24, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_position_table_trains_at_non_native_size():

@@ -80,7 +80,7 @@ def test_pope_metrics_hand_computed():
 
 # ----------------------------------------------------------------------------- eval.main on a tiny checkpoint
 
-REC_FIELDS = {"split", "id", "expression", "answer", "pred_box", "gt_box", "iou", "correct"}
+REC_FIELDS = {"split", "index", "id", "expression", "answer", "pred_box", "gt_box", "iou", "correct"}
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,13 @@ def test_pope_reports_metrics_per_setting_and_writes_rows(ckpt, shapes, tmp_path
         expected = ev.pope_metrics([row["prediction"] for row in mine], [row["label"] for row in mine])
         assert r["accuracy"] == pytest.approx(expected["accuracy"]) and r["f1"] == pytest.approx(expected["f1"])
         assert all(row["prediction"] == ev.pope_answer(row["answer"]) for row in mine)
+
+
+def test_pope_folder_finds_the_benchmarks_own_file_names(ckpt, shapes, tmp_path):
+    for setting in ("random", "popular", "adversarial"):  # POPE's repository: coco_pope_{setting}.json
+        shutil.copy(shapes / f"pope_{setting}.jsonl", tmp_path / f"coco_pope_{setting}.json")
+    results = run_eval(ckpt, "--task", "pope", "--data", tmp_path, "--image-dir", shapes, "--limit", 2)
+    assert sorted(results) == ["adversarial", "popular", "random"]
 
 
 def test_batched_answers_equal_one_at_a_time(ckpt, shapes, tmp_path):
@@ -225,7 +232,8 @@ def test_refcoco_original_format(ckpt, shapes, tmp_path):
     rows = read_jsonl(out)
     assert [r["gt_box"] for r in rows] == [rec[0]["bbox"]] * 2 + [rec[1]["bbox"]] * 2  # xywh -> xyxy
     assert rows[1]["expression"] == "the one " + rec[0]["expression"]
-    assert all(set(r) == REC_FIELDS for r in rows) and "ref 0" in rows[0]["id"]
+    assert all(set(r) == REC_FIELDS for r in rows) and "ref 0 sentence" in rows[0]["id"]
+    assert len({r["id"] for r in rows}) == 4 and [r["index"] for r in rows] == [0, 1, 2, 3]  # one per expression
     with pytest.raises(SystemExit, match=r"^error: cannot read RefCOCO .*no refs in split 'testB'"):
         run_eval(ckpt, *args, "--split", "testB")
     with pytest.raises(SystemExit, match=r"^error: .*image .*val_00000.png does not exist; check --image-dir"):

@@ -3,6 +3,7 @@ OpenAI-compatible server answering good requests and refusing bad ones (4xx JSON
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -283,6 +284,23 @@ def test_server_image_and_text_completion(server, loaded):
     assert r.status_code == 200, r.text
 
 
+def test_server_streams_server_sent_events_that_join_to_the_answer(server):
+    body = {"messages": [{"role": "user", "content": "Hello, who are you?"}], "max_tokens": 8}
+    whole = chat(server, body).json()
+    r = chat(server, {**body, "stream": True}, stream=True)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "text/event-stream"
+    events = [line.removeprefix("data: ") for line in r.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert content == whole["choices"][0]["message"]["content"] and len(chunks) >= 3
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == whole["usage"]
+    assert chat(server, {**body, "stream": "yes"}).status_code == 400
+
+
 def test_server_lists_its_model(server):
     r = requests.get(server + "/v1/models", timeout=10)
     assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
@@ -369,9 +387,10 @@ def test_server_refuses_bad_requests_with_4xx_json_and_keeps_serving(server):
 def test_serve_command_line_answers_and_stops_on_ctrl_c(ckpt):
     """`python sample.py --serve --port 0` prints where it listens, answers, and exits cleanly on SIGINT."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--serve", "--port", "0", "--ckpt", ckpt,
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
+        assert proc.stderr.readline() == f"model: {ckpt}\n"  # which model answers, first
         line = proc.stdout.readline()
         match = re.fullmatch(r"serving (\S+) on (http://127\.0\.0\.1:\d+)/v1/chat/completions\n", line)
         assert match and match[1] == os.path.basename(ckpt), line
