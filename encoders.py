@@ -128,7 +128,7 @@ class VisionTower(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(native_positions, width))  # checkpoint's table
         self.pre_norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if clip else None
         # only the blocks up to the feature layer: later ones would never run (an idle block is dead weight, and
-        # under FSDP2 an unit that never runs breaks gradient accumulation), so they are neither built nor loaded
+        # under FSDP2 a unit that never runs breaks gradient accumulation), so they are neither built nor loaded
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.blocks_run))
         self.apply(init_weights)
 
@@ -158,8 +158,8 @@ class VisionTower(nn.Module):
 
     def positions(self) -> torch.Tensor:
         """The position table at the size we run at [1 + n*n, width]: the stored one, or (off the native
-        size) resized from it in every forward, as transformers does. That costs ~10 MFLOPs at 518 -> 336 next
-        to the tower's ~0.2 TFLOPs per image, and, unlike a cached copy, is never stale after a load nor of
+        size) resized from it in every forward, as transformers does. That costs ~20 MFLOPs at 518 -> 336 next
+        to the tower's ~0.35 TFLOPs per image, and, unlike a cached copy, is never stale after a load nor of
         another dtype or placement than the table (FSDP2 gathers and casts parameters, not buffers)."""
         if self.config.image_size == self.config.native_image_size:
             return self.position_embedding

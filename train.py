@@ -237,9 +237,9 @@ def barrier():
 # ----------------------------------------------------------------------------- the model of a phase
 
 
-def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGroundingGPT, str, str]:
-    """The phase's starting model (fp32 master weights), the tokenizer.json that goes with it, and where the
-    model came from (for the log)."""
+def start_dir(cfg: TrainConfig, phase: PhaseSettings) -> str:
+    """The exported model the phase starts from ("" for a new model); exits naming what to run or download when
+    that export, or a new model's public checkpoints, are not there."""
     previous = {"stage1": "stage1-pretrain", "stage2": "stage1", "stage3": "stage2"}.get(phase.name)
     if phase.name == "stage1-pretrain" and cfg.preset == "shapes" and cfg.tower_steps > 0:
         previous = "towers"
@@ -252,18 +252,25 @@ def build_model(cfg: TrainConfig, phase: PhaseSettings, device) -> tuple[TinyGro
                 f"Run the earlier stage first (python train.py --stage {previous[5]} --out_dir={cfg.out_dir} "
                 "...), or point --init at an exported model directory."
             )
+    if not init and cfg.preset == "paper":  # a new model from the three public checkpoints
+        for name, path in [("clip", cfg.clip), ("dino", cfg.dino), ("qwen", cfg.qwen)]:
+            if not os.path.exists(os.path.join(path, "config.json")):
+                repo = download.repo_for(path, name)
+                sys.exit(
+                    f"error: --{name}={path} has no config.json. Download the Hub snapshot of {repo} there "
+                    f"(python download.py {repo} --out {path}), or point --{name} at it."
+                )
+    return init
+
+
+def build_model(cfg: TrainConfig, init: str, device) -> tuple[TinyGroundingGPT, str, str]:
+    """The phase's starting model (fp32 master weights): the export `init`, else a new one; the tokenizer.json
+    that goes with it, and where the model came from (for the log)."""
     if init:
         model = TinyGroundingGPT.from_pretrained(init, dtype=torch.float32, device=device)
         return model, os.path.join(init, "tokenizer.json"), init
     if cfg.preset == "shapes":
         return new_shapes_model(cfg).to(device), shapes.SHAPES_TOKENIZER, "a new random shapes model"
-    for name, path in [("clip", cfg.clip), ("dino", cfg.dino), ("qwen", cfg.qwen)]:
-        if not os.path.exists(os.path.join(path, "config.json")):
-            repo = download.repo_for(path, name)
-            sys.exit(
-                f"error: --{name}={path} has no config.json. Download the Hub snapshot of {repo} there "
-                f"(python download.py {repo} --out {path}), or point --{name} at it."
-            )
     model = TinyGroundingGPT.from_components(cfg.clip, cfg.dino, cfg.qwen, image_size=cfg.image_size).to(device)
     return model, os.path.join(cfg.qwen, "tokenizer.json"), f"{cfg.clip} + {cfg.dino} + {cfg.qwen}"
 
@@ -604,11 +611,7 @@ def shapes_stage_data(cfg: TrainConfig, name: str) -> shapes.ShapesStageData:
                  f"--shapes_kinds={cfg.shapes_kinds}: {e}")
 
 
-def build_dataset(cfg: TrainConfig, phase: PhaseSettings, model: TinyGroundingGPT, tokenizer, rank: int):
-    if cfg.preset == "shapes":
-        samples = shapes_stage_data(cfg, phase.name)
-    else:
-        samples = load_phase_samples(cfg, phase, rank)
+def build_dataset(cfg: TrainConfig, samples, model: TinyGroundingGPT, tokenizer) -> data.SFTDataset:
     return data.SFTDataset(
         samples,
         tokenizer,
@@ -631,6 +634,9 @@ def load_phase_samples(cfg: TrainConfig, phase: PhaseSettings, rank: int) -> lis
             f"error: {phase.name} needs training data: --{key}=FILE.json[,FILE2.jsonl] in data.py's sample "
             "format (python data.py --help lists the converters for LLaVA, RefCOCO, Visual Genome, ...)"
         )
+    for path in phase.data:
+        if not os.path.isfile(path):
+            sys.exit(f"error: --{PHASES[phase.name]['data']}: {path} does not exist")
     counter = data.SkipCounter() if cfg.skip_bad else None
     samples = data.load_samples(phase.data, image_root=cfg.image_root, skip_bad=counter)
     if counter is None:
@@ -658,8 +664,11 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         if rank == 0:
             print(f"{phase.name}: already exported to {out}; skipping (delete it to train again)")
         return
+    # the inputs before the model: a wrong path fails in seconds, not after loading billions of weights
+    init = start_dir(cfg, phase)
+    samples = shapes_stage_data(cfg, phase.name) if cfg.preset == "shapes" else load_phase_samples(cfg, phase, rank)
     torch.manual_seed(cfg.seed)
-    model, tokenizer_path, source = build_model(cfg, phase, device)
+    model, tokenizer_path, source = build_model(cfg, init, device)
     if rank == 0:
         print(f"{phase.name}: starts from {source}")
     tokenizer = data.Tokenizer.from_file(tokenizer_path)
@@ -677,7 +686,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     if cfg.preset == "shapes" and size != flags and rank == 0:
         print(f"{phase.name}: the init model's LM (width, blocks, heads, KV heads) is {size}; the --llm_* flags "
               f"size a new model only")
-    dataset = build_dataset(cfg, phase, model, tokenizer, rank)
+    dataset = build_dataset(cfg, samples, model, tokenizer)
     if cfg.activation_checkpointing:
         model.llm.activation_checkpointing = True
     if cfg.compile:
