@@ -13,8 +13,10 @@ where it stopped (HTTP Range) when rerun, and finished files are skipped.
 """
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -53,16 +55,38 @@ def new_session() -> requests.Session:
     return session
 
 
+def plain_file_name(name, source: str) -> str:
+    """`name` if it is a plain file name (what the Hub's shards are called); else a DownloadError: a name
+    from a mirror or repo must not reach outside the checkpoint's folder (../x, /etc/x, sub/x)."""
+    if not (isinstance(name, str) and re.fullmatch(r"[\w.\-]+", name) and name not in (".", "..")):
+        raise DownloadError(f"{source}: {name!r} is not a plain file name; refusing to write it")
+    return name
+
+
+def sha256_of(response: requests.Response) -> str | None:
+    """The file's sha256 when the Hub says it: X-Linked-Etag (an LFS file's hash, on the redirect to the
+    CDN) or an ETag of 64 hex digits; None otherwise."""
+    for r in [*response.history, response]:
+        for key in ("X-Linked-Etag", "ETag"):
+            tag = r.headers.get(key, "").removeprefix("W/").strip('"')
+            if re.fullmatch(r"[0-9a-f]{64}", tag):
+                return tag
+    return None
+
+
 def download_file(session: requests.Session, repo: str, filename: str, out_dir: Path) -> Path:
-    """Fetch one file into out_dir (resuming `<file>.part`), check its size, rename it into place."""
-    dest, url = out_dir / filename, hub_url(repo, filename)
+    """Fetch one file into out_dir (resuming `<file>.part`), check its size and (when the Hub gives it) its
+    sha256, rename it into place. A resume asks `If-Range` with the validator of the first try, so a file
+    changed on the server in between is fetched whole again, never stitched."""
+    dest, url = out_dir / plain_file_name(filename, repo), hub_url(repo, filename)
     if dest.exists():  # only complete files are ever renamed into place
         return dest
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
+    part, tag_file = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.etag")
+    validator = tag_file.read_text() if tag_file.exists() else ""
+    have = part.stat().st_size if part.exists() and validator else 0  # no validator: the part can't be trusted
+    headers = {"Range": f"bytes={have}-", "If-Range": validator} if have else {}
     try:
-        with session.get(url, stream=True, timeout=(15, 60),
-                         headers={"Range": f"bytes={have}-"} if have else {}) as resp:
+        with session.get(url, stream=True, timeout=(15, 60), headers=headers) as resp:
             if resp.status_code in (401, 403):
                 raise DownloadError(f"{url}: HTTP {resp.status_code} (gated, private or missing repo); set "
                                     "HF_TOKEN to a Hub token that can read it and accept the model's terms")
@@ -79,8 +103,13 @@ def download_file(session: requests.Session, repo: str, filename: str, out_dir: 
                     raise DownloadError(f"{url}: bad Content-Range {resp.headers.get('Content-Range')!r} for "
                                         f"a resume at byte {have}; delete {part} and rerun")
                 total, mode = int(total), "ab"
-            else:  # 200: the whole file (the server ignored or was not asked for a range)
+            else:  # 200: the whole file (a first try, or the file changed since the part was fetched)
                 total, have, mode = int(resp.headers.get("Content-Length", -1)), 0, "wb"
+                tag_file.write_text(resp.headers.get("ETag") or resp.headers.get("Last-Modified") or "")
+            sha256, chunked = sha256_of(resp), "chunked" in resp.headers.get("Transfer-Encoding", "")
+            if total < 0 and sha256 is None and not chunked:
+                raise DownloadError(f"{url}: the server sent neither a length nor a hash, so a body cut short "
+                                    "could not be told from a whole one; refusing it")
             with open(part, mode) as f, tqdm(total=total if total >= 0 else None, initial=have, unit="B",
                                              unit_scale=True, unit_divisor=1024, desc=filename) as bar:
                 for chunk in resp.iter_content(chunk_size=1 << 20):
@@ -91,8 +120,22 @@ def download_file(session: requests.Session, repo: str, filename: str, out_dir: 
     size = part.stat().st_size
     if total >= 0 and size != total:
         raise DownloadError(f"{url}: got {size} of {total} bytes; rerun the same command to resume {part}")
+    if sha256 is not None and file_sha256(part) != sha256:
+        part.unlink()
+        tag_file.unlink(missing_ok=True)
+        raise DownloadError(f"{url}: the file's sha256 is not the {sha256} the Hub gives; deleted, rerun to "
+                            "fetch it again")
     part.replace(dest)  # atomic on one filesystem: dest exists only when complete
+    tag_file.unlink(missing_ok=True)
     return dest
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def download_weights(session: requests.Session, repo: str, out_dir: Path) -> list[Path]:
@@ -108,9 +151,10 @@ def download_weights(session: requests.Session, repo: str, out_dir: Path) -> lis
             return [path]
         try:
             shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as e:
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
             raise DownloadError(f"{path}: not a safetensors index with a 'weight_map' ({e}); delete it and "
                                 "rerun") from e
+        shards = [plain_file_name(shard, str(path)) for shard in shards]  # before any is fetched
         return [path] + [download_file(session, repo, shard, out_dir) for shard in shards]
     raise DownloadError(f"{repo}: no model.safetensors[.index.json] nor pytorch_model.bin on the Hub")
 

@@ -1,6 +1,7 @@
 """download.py against a loopback HTTP server laying files out like the Hub (/{repo}/resolve/main/..., weights
 through a redirect)."""
 
+import hashlib
 import json
 import os
 import random
@@ -68,13 +69,67 @@ def test_sharded_snapshot(hub, tmp_path):
     assert not any(p.endswith("/model.safetensors") for p in hub.paths())  # the index was found first
 
 
-def test_partial_file_resumes_with_range(hub, tmp_path):
+def etag(data: bytes) -> str:
+    return '"' + hashlib.sha256(data).hexdigest() + '"'
+
+
+def test_partial_file_resumes_with_range_if_unchanged(hub, tmp_path):
     data = hub.add("org/repo", "model.safetensors", blob(10_000))
     (tmp_path / "model.safetensors.part").write_bytes(data[:3000])
+    (tmp_path / "model.safetensors.part.etag").write_text(etag(data))  # what the first try was told
     with download.new_session() as session:
         path = download.download_file(session, "org/repo", "model.safetensors", tmp_path)
-    assert hub.requests[-1][1].get("Range") == "bytes=3000-"
-    assert path.read_bytes() == data and not (tmp_path / "model.safetensors.part").exists()
+    assert hub.requests[-1][1].get("Range") == "bytes=3000-" and hub.requests[-1][1].get("If-Range") == etag(data)
+    assert path.read_bytes() == data and sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
+def test_a_file_changed_between_tries_is_fetched_whole_not_stitched(hub, tmp_path):
+    old = blob(10_000, seed=1)
+    (tmp_path / "model.safetensors.part").write_bytes(old[:3000])
+    (tmp_path / "model.safetensors.part.etag").write_text(etag(old))
+    new = hub.add("org/repo", "model.safetensors", blob(10_000, seed=2))  # replaced on the server since
+    with download.new_session() as session:
+        path = download.download_file(session, "org/repo", "model.safetensors", tmp_path)
+    assert path.read_bytes() == new  # before: old[:3000] + new[3000:], accepted
+
+
+def test_a_body_that_fails_its_sha256_is_refused(hub, tmp_path):
+    data = hub.add("org/repo", "model.safetensors", blob(5000))
+    hub.etags["/org/repo/resolve/main/model.safetensors"] = etag(b"what the Hub hashed")  # the bytes were altered
+    with download.new_session() as session, pytest.raises(download.DownloadError, match="sha256"):
+        download.download_file(session, "org/repo", "model.safetensors", tmp_path)
+    del hub.etags["/org/repo/resolve/main/model.safetensors"]
+    assert os.listdir(tmp_path) == []  # nothing kept of it
+    with download.new_session() as session:
+        assert download.download_file(session, "org/repo", "model.safetensors", tmp_path).read_bytes() == data
+
+
+def test_a_body_without_length_or_hash_is_refused(hub, tmp_path):
+    hub.add("org/repo", "config.json", b"{}")
+    hub.bare.add("/org/repo/resolve/main/config.json")  # before: a body cut short here counted as whole
+    with download.new_session() as session, pytest.raises(download.DownloadError, match="neither a length nor"):
+        download.download_file(session, "org/repo", "config.json", tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("shard", ["../../planted.safetensors", "/tmp/planted.safetensors", "sub/x.safetensors",
+                                   "..", ["a"]])
+def test_an_index_naming_files_outside_the_folder_writes_nothing(hub, tmp_path, shard):
+    repo = download.MODELS["qwen2.5-3b"][0]
+    hub.add(repo, "config.json", b"{}")
+    hub.add(repo, "tokenizer.json", b"{}")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": shard}}
+    hub.add(repo, "model.safetensors.index.json", json.dumps(index).encode())
+    hub.add(repo, "model-00001-of-00002.safetensors", blob(100))
+    for path in ("/../../planted.safetensors", "//tmp/planted.safetensors"):
+        hub.files[f"/{repo}/resolve/main{path}"] = blob(10)
+    out = tmp_path / "deep" / "er" / "weights"
+    with pytest.raises(SystemExit, match="is not a plain file name|not a safetensors index"):
+        download.main(["qwen2.5-3b", "--out", str(out)])
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [f"deep/er/weights/qwen2.5-3b/{f}" for f in
+                       ("config.json", "model.safetensors.index.json", "tokenizer.json")]  # no shard at all
+    assert not os.path.exists("/tmp/planted.safetensors")
 
 
 def test_complete_part_file_is_restarted_after_416(hub, tmp_path):

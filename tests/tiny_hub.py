@@ -9,6 +9,7 @@ interpolated as DINOv2-L's 518 -> 336 is; patch size 14. Only the widths and dep
 """
 
 import gzip
+import hashlib
 import os
 import shutil
 import threading
@@ -87,12 +88,17 @@ class FakeHub:
     """A loopback server laid out like the Hub: GET /{repo}/resolve/main/{file}. Weight files (LFS on the Hub)
     answer with a 302 to /cdn/..., as the Hub redirects them to its CDN; Range "bytes=START-" gets a 206.
 
+    Every file has the ETag of its sha256 (the redirect also says it in X-Linked-Etag, as the Hub does), and a
+    Range request whose If-Range is not that ETag gets the whole file (200).
+
     `files` maps URL paths to bytes; `requests` records (path, headers). With `token` set, requests without
     that Bearer token get 401. Paths in `truncate` get their first response cut after half the body
-    (Content-Length still announces the whole), as when a connection drops."""
+    (Content-Length still announces the whole), as when a connection drops; paths in `bare` are answered with
+    neither ETag nor Content-Length (the body ends when the connection closes)."""
 
     def __init__(self, token: str | None = None):
-        self.files, self.requests, self.truncate, self.token = {}, [], set(), token
+        self.files, self.requests, self.truncate, self.bare, self.token = {}, [], set(), set(), token
+        self.etags = {}  # path -> the ETag to announce instead of the file's own (a file that was tampered with)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -103,14 +109,18 @@ class FakeHub:
                 path = self.path.removeprefix("/cdn")
                 if path not in hub.files:
                     return self.send_error(404)
+                data, start, bare = hub.files[path], 0, path in hub.bare
+                etag = hub.etags.get(path) or '"' + hashlib.sha256(data).hexdigest() + '"'
                 lfs = path.endswith((".safetensors", ".bin"))
                 if lfs and not self.path.startswith("/cdn/"):
                     self.send_response(302)
                     self.send_header("Location", "/cdn" + path)
+                    if not bare:
+                        self.send_header("X-Linked-Etag", etag)
                     self.send_header("Content-Length", "0")
                     return self.end_headers()
-                data, start = hub.files[path], 0
-                if "Range" in self.headers:  # only the "bytes=START-" form download.py sends
+                fresh = self.headers.get("If-Range", etag) == etag
+                if "Range" in self.headers and fresh:  # only the "bytes=START-" form download.py sends
                     start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
                     if start >= len(data):
                         self.send_response(416)
@@ -122,7 +132,9 @@ class FakeHub:
                 else:
                     self.send_response(200)
                 body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
+                if not bare:
+                    self.send_header("ETag", etag)
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if path in hub.truncate:
                     hub.truncate.discard(path)
