@@ -109,6 +109,9 @@ class Tokenizer:
     }
 
     def __init__(self, tok: tokenizers.Tokenizer, path: str = "<memory>"):
+        # text is only ever text: "<|im_end|>" written by a user or found in a dataset is encoded as those
+        # characters, never as the control token (no forged turns); this project adds the special tokens by id
+        tok.encode_special_tokens = True
         self.tok, self.path = tok, path
         for attr, name in self.IDS.items():
             token_id = tok.token_to_id(name)
@@ -665,11 +668,29 @@ def stage3_samples(grounded_images: list[dict], seed: int = 0) -> list[dict]:
 # ----------------------------------------------------------------------------- batching
 
 
-def load_image(image, image_root: str = "") -> Image.Image:
+MAX_IMAGE_PIXELS = 40_000_000  # ~6300 x 6300: any photo passes; a decompression bomb does not get decoded
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+def load_image(image, image_root: str = "", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB image from a path (under image_root), a file object or a PIL image. The size is read from the
+    header and checked before any pixel is decoded (a 140 KB PNG can hold 12000 x 12000 pixels); unreadable
+    or truncated files raise OSError, oversized ones ImageTooLarge."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    with Image.open(os.path.join(image_root, image)) as img:
-        return img.convert("RGB")
+    source = image if hasattr(image, "read") else os.path.join(image_root, image)
+    name = source if isinstance(source, str) else "the image"
+    try:
+        with Image.open(source) as img:
+            if img.width * img.height > max_pixels:
+                raise ImageTooLarge(f"{name} is {img.width}x{img.height} = {img.width * img.height:,} pixels, "
+                                    f"over the limit of {max_pixels:,}")
+            return img.convert("RGB")
+    except Image.DecompressionBombError as e:  # Pillow's own, larger limit
+        raise ImageTooLarge(f"{name}: {e}") from None
 
 
 class SFTDataset(torch.utils.data.Dataset):

@@ -345,12 +345,15 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, g
     """logits [B, V] -> ids [B]: greedy when temperature <= 0, else temperature + nucleus (top-p) sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()  # the max subtracted first: at tiny temperatures logits / T would overflow to inf
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # drop a token once the tokens ranked above it already reach top_p (the top token always stays)
-    sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    drop[..., 0] = False  # also when top_p is below float32's range (1e-300 rounds to 0)
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     pick = torch.multinomial(sorted_probs, 1, generator=generator)  # multinomial renormalizes
     return order.gather(-1, pick).squeeze(-1)
 

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import resource
 import sys
 import threading
 import time
@@ -50,8 +51,8 @@ def load(ckpt: str, device: str = "cpu") -> tuple[TinyGroundingGPT, data.Tokeniz
 
 def open_image(path: str) -> Image.Image:
     try:
-        return Image.open(path).convert("RGB")
-    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError) as e:
+        return data.load_image(path)
+    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError, data.ImageTooLarge) as e:
         raise SystemExit(f"error: cannot read {path!r} as an image ({e}); give a JPEG or PNG file") from None
 
 
@@ -128,6 +129,10 @@ class Session:
 
     def ask(self, question: str, temperature: float = 0.0, max_new_tokens: int = 64, top_p: float = 1.0) -> str:
         ids, images, objects = self.prompt(question)
+        context = self.model.config.llm.max_position_embeddings
+        if len(ids) + max_new_tokens > context:
+            raise ValueError(f"the conversation is {len(ids)} tokens; with {max_new_tokens} new ones that is over "
+                             f"this model's context of {context} tokens")
         answer_ids = self.model.generate(
             [ids], images=images, objects=objects, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
         )[0]
@@ -239,16 +244,24 @@ class RequestError(ValueError):
         self.status = status
 
 
-def decode_data_url(url: str) -> Image.Image:
+DECODING = threading.BoundedSemaphore(2)  # images decoded at once: each may take up to ~160 MB (40 MP, RGB)
+
+
+def decode_data_url(url: str, max_pixels: int = data.MAX_IMAGE_PIXELS) -> Image.Image:
     if not isinstance(url, str) or not url.startswith("data:image/") or ";base64," not in url:
         raise RequestError(400, "image_url.url must be a data URL: data:image/<type>;base64,<data>")
     try:
-        return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True))).convert("RGB")
+        raw = base64.b64decode(url.split(",", 1)[1], validate=True)
+        with DECODING:
+            return data.load_image(io.BytesIO(raw), max_pixels=max_pixels)
+    except data.ImageTooLarge as e:
+        raise RequestError(413, f"image_url.url: {e}") from None
     except (ValueError, UnidentifiedImageError, OSError) as e:
         raise RequestError(400, f"image_url.url does not hold a readable image ({e})") from None
 
 
-def chat_turns(messages) -> tuple[str | None, list[dict], Image.Image | None]:
+def chat_turns(messages, max_image_pixels: int = data.MAX_IMAGE_PIXELS
+               ) -> tuple[str | None, list[dict], Image.Image | None]:
     """OpenAI messages -> (system prompt, our turns, the image). One image at most; it becomes <image> where
     its part stands. The last message must be the user's."""
     if not isinstance(messages, list) or not messages:
@@ -271,7 +284,7 @@ def chat_turns(messages) -> tuple[str | None, list[dict], Image.Image | None]:
                 if image is not None:
                     raise RequestError(400, "this model takes one image per conversation")
                 url = part.get("image_url")  # {"url": ...} as OpenAI documents it; a bare string tolerated
-                image = decode_data_url(url.get("url") if isinstance(url, dict) else url)
+                image = decode_data_url(url.get("url") if isinstance(url, dict) else url, max_image_pixels)
                 text += "<image>\n"
             else:
                 raise RequestError(400, f"messages[{n}] has an unsupported part {kind!r}")
@@ -287,14 +300,25 @@ def chat_turns(messages) -> tuple[str | None, list[dict], Image.Image | None]:
 class ChatServer:
     """/v1/chat/completions over one model; requests are answered one at a time (a lock)."""
 
-    def __init__(self, model: TinyGroundingGPT, tok: data.Tokenizer, name: str):
+    def __init__(self, model: TinyGroundingGPT, tok: data.Tokenizer, name: str,
+                 max_image_pixels: int = data.MAX_IMAGE_PIXELS):
         self.model, self.tok, self.name, self.lock, self.count = model, tok, name, threading.Lock(), 0
+        self.max_image_pixels = max_image_pixels
 
     def complete(self, request: dict) -> tuple[dict, list[str]]:
         """The chat.completion for a request, and its content cut into the tokens' texts (for streaming)."""
         if not isinstance(request, dict):
             raise RequestError(400, "the body must be a JSON object")
-        system, turns, image = chat_turns(request.get("messages"))
+        if request.get("model") not in (None, self.name):  # as the OpenAI API answers an unknown model
+            raise RequestError(404, f"the model {request['model']!r} does not exist; this server has {self.name!r}")
+        if request.get("n") not in (None, 1):
+            raise RequestError(400, f"n must be 1 (one answer per request), got {request['n']!r}")
+        system, turns, image = chat_turns(request.get("messages"), self.max_image_pixels)
+        context = self.model.config.llm.max_position_embeddings
+        chars = sum(len(t["value"]) for t in turns) + len(system or "")
+        if chars > 16 * context:  # before tokenizing: no token is shorter than 1/16 of this many characters
+            raise RequestError(400, f"the messages hold {chars:,} characters, far over this model's context of "
+                                    f"{context} tokens")
 
         def option(key, default):  # absent or null: the default (OpenAI clients send null for unset options)
             value = request.get(key)
@@ -409,29 +433,98 @@ def make_handler(server: ChatServer):
                 return self.error(400, "Content-Length must be a number")
             if length < 0:  # rfile.read(-1) would wait for the client to close the connection
                 return self.error(400, "Content-Length must not be negative")
+            if length > MAX_BODY:
+                return self.error(413, f"request larger than {MAX_BODY >> 20} MiB")
             try:
-                if length > 32 * 2**20:
-                    return self.error(413, "request larger than 32 MiB")
-                request = json.loads(self.rfile.read(length) or b"null")
+                body = self.read_body(length)
+            except TimeoutError:
+                self.close_connection = True  # a client too slow to send its request: drop it
+                return
+            try:
+                request = json.loads(body or b"null")
+            except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser's depth
+                return self.error(400, f"the body is not JSON ({type(e).__name__}: {str(e)[:200]})")
+            try:
                 response, pieces = server.complete(request)
                 if request.get("stream"):
                     return self.stream(stream_chunks(response, pieces))
                 self.reply(200, response)
-            except json.JSONDecodeError as e:
-                self.error(400, f"the body is not JSON ({e})")
             except RequestError as e:
                 self.error(e.status, str(e))
             except Exception as e:  # a bad request must never take the server down
                 self.error(500, f"{type(e).__name__}: {e}")
 
+        def read_body(self, length: int) -> bytes:
+            """The body, within BODY_SECONDS in all: a client sending a byte now and then cannot hold a worker
+            for long (the socket's own timeout bounds each read only)."""
+            deadline, parts, left = time.monotonic() + BODY_SECONDS, [], length
+            while left:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                part = self.rfile.read1(min(left, 1 << 16))
+                if not part:
+                    raise TimeoutError  # the client closed before sending it all
+                parts.append(part)
+                left -= len(part)
+            return b"".join(parts)
+
+        def refuse_method(self):
+            self.error(405, f"{self.command} is not served; use GET /v1/models or POST /v1/chat/completions")
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse_method
+
         def log_message(self, fmt, *args):
             sys.stderr.write(f"[serve] {self.address_string()} {fmt % args}\n")
 
+    Handler.timeout = IDLE_SECONDS  # per socket read (the request line, headers, each part of a body)
     return Handler
 
 
-def serve(model: TinyGroundingGPT, tok: data.Tokenizer, name: str, host: str, port: int) -> ThreadingHTTPServer:
-    httpd = ThreadingHTTPServer((host, port), make_handler(ChatServer(model, tok, name)))
+MAX_BODY = 32 << 20  # bytes of a request
+IDLE_SECONDS = 20  # a connection silent this long is closed
+BODY_SECONDS = 60  # the most a request's body may take to arrive
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, as ThreadingHTTPServer, but at most `max_connections` at once: one more is
+    answered 503 and closed at once instead of taking a thread (or a file descriptor for long)."""
+
+    daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: bursts of connections wait instead of being refused
+
+    def __init__(self, address, handler, max_connections: int = 1024):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            body = b'{"error": {"message": "too many connections; retry later", "code": 503}}'
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+            return self.shutdown_request(request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def serve(model: TinyGroundingGPT, tok: data.Tokenizer, name: str, host: str, port: int,
+          max_connections: int = 1024, max_image_pixels: int = data.MAX_IMAGE_PIXELS) -> BoundedHTTPServer:
+    """The server, bound and listening (call serve_forever). Its limits: max_connections at once, each closed
+    after IDLE_SECONDS of silence; bodies up to MAX_BODY arriving within BODY_SECONDS; images up to
+    max_image_pixels, two decoded at a time; prompts within the model's context; one generation at a time."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + 64  # every connection holds a file descriptor (often 1024 by default)
+    if soft < want and (hard == resource.RLIM_INFINITY or hard >= want):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    httpd = BoundedHTTPServer((host, port), make_handler(ChatServer(model, tok, name, max_image_pixels)),
+                              max_connections)
     print(f"serving {name} on http://{host}:{httpd.server_address[1]}/v1/chat/completions", flush=True)
     return httpd
 
@@ -459,6 +552,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--serve", action="store_true", help="serve /v1/chat/completions instead")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-connections", type=int, default=1024, help="--serve: connections at once (more get 503)")
+    p.add_argument("--max-image-pixels", type=int, default=data.MAX_IMAGE_PIXELS,
+                   help="--serve: larger images are refused (413) before decoding")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if not args.serve and not args.image:
@@ -471,7 +567,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {args.ckpt}" + (" (the shipped shapes model: it knows only the shapes world; --ckpt DIR answers "
                                    "with another)" if shipped else ""), file=sys.stderr, flush=True)
     if args.serve:
-        httpd = serve(model, tok, os.path.basename(os.path.normpath(args.ckpt)), args.host, args.port)
+        httpd = serve(model, tok, os.path.basename(os.path.normpath(args.ckpt)), args.host, args.port,
+                      args.max_connections, args.max_image_pixels)
         try:
             httpd.serve_forever()
         except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -361,6 +362,10 @@ def test_server_refuses_bad_requests_with_4xx_json_and_keeps_serving(server):
         "temperature not a number": {"messages": [user], "temperature": "hot"},
         "top_p 0": {"messages": [user], "top_p": 0},
         "top_p above 1": {"messages": [user], "top_p": 1.5},
+        "n of 2": {"messages": [user], "n": 2},
+        "a prompt past the model's context": {"messages": [{"role": "user", "content": "red " * 300}]},
+        "characters far past the context": {"messages": [{"role": "user", "content": "x" * 5000}]},
+        "stream not a boolean": {"messages": [user], "stream": "yes"},
     }
     for why, body in bad.items():
         r = chat(server, body)
@@ -380,6 +385,23 @@ def test_server_refuses_bad_requests_with_4xx_json_and_keeps_serving(server):
         reply = raw_request(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + length
                             + b"\r\n\r\n{}")
         assert reply.startswith(b"HTTP/1.0 400") and b"Content-Length must" in reply, reply[:200]
+    r = chat(server, {"messages": [{"role": "user", "content": "red " * 300}]})
+    assert "over this model's context of 256 tokens" in r.json()["error"]["message"]
+    r = chat(server, {"model": "gpt-4o", "messages": [user]})  # as OpenAI answers a model it does not have
+    assert r.status_code == 404 and "'gpt-4o' does not exist" in r.json()["error"]["message"]
+    bomb = io.BytesIO()
+    Image.new("1", (7000, 7000)).save(bomb, format="PNG")  # 49 MP in a few KB: refused before decoding
+    r = chat(server, {"messages": with_image(image_part("data:image/png;base64," + base64.b64encode(
+        bomb.getvalue()).decode()))})
+    assert r.status_code == 413 and "over the limit of 40,000,000" in r.json()["error"]["message"]
+    for why, payload in {"not UTF-8": b'{"messages": "\xff\xfe"}', "nested past the parser": b"[" * 100_000}.items():
+        r = requests.post(server + "/v1/chat/completions", data=payload, timeout=30)
+        assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"], why
+    for extreme in ({"temperature": 1e-38}, {"temperature": 0.5, "top_p": 1e-300}):  # used to be 500s
+        assert chat(server, {"messages": [user], "max_tokens": 2, **extreme}).status_code == 200, extreme
+    for method in ("put", "delete", "patch"):
+        r = getattr(requests, method)(server + "/v1/chat/completions", json={"messages": [user]}, timeout=30)
+        assert r.status_code == 405 and r.json()["error"]["code"] == 405, method
     r = chat(server, {"messages": [user], "max_tokens": 3, "temperature": None, "top_p": None})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3  # still serving; null = default
 
@@ -403,3 +425,66 @@ def test_serve_command_line_answers_and_stops_on_ctrl_c(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def test_server_under_hostile_load_keeps_answering_a_normal_client(ckpt):
+    """A bounded load test on loopback against `sample.py --serve`: 1,000 idle connections (half of them with
+    half a request sent), four clients sending decompression bombs (12000 x 12000 PNGs of ~20 KB) and prompts
+    past the context, and a normal client alongside. The normal client gets every answer, the server's peak
+    memory grows by less than 300 MB (before: each bomb decoded to 432 MB, four at a time), it is alive at
+    the end, and a connection past --max-connections is told 503 at once."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--serve", "--port", "0", "--ckpt", ckpt,
+                             "--device", "cpu", "--max-connections", "1100"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    idle = []
+    try:
+        url = re.search(r"(http://\S+)/v1/chat/completions", proc.stdout.readline())[1]
+        normal = {"messages": [{"role": "user", "content": "Where is the red circle?"}], "max_tokens": 4}
+        assert chat(url, normal).status_code == 200
+        baseline = peak_rss_mb(proc.pid)
+        host, port = url.removeprefix("http://").split(":")
+        for k in range(1000):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            if k % 2:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"messages\"")
+            idle.append(s)
+        png = io.BytesIO()
+        Image.new("1", (12000, 12000)).save(png, format="PNG")
+        bomb_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        bomb = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": bomb_url}},
+                                                          {"type": "text", "text": "What is it?"}]}]}
+        long_prompt = {"messages": [{"role": "user", "content": "red circle " * 2000}]}
+        hostile_codes = []
+
+        def hostile():
+            for _ in range(5):
+                hostile_codes.append(chat(url, bomb).status_code)
+                hostile_codes.append(chat(url, long_prompt).status_code)
+
+        threads = [threading.Thread(target=hostile) for _ in range(4)]
+        for t in threads:
+            t.start()
+        answers = [chat(url, normal) for _ in range(5)]
+        for t in threads:
+            t.join(timeout=120)
+        assert [r.status_code for r in answers] == [200] * 5
+        assert sorted(set(hostile_codes)) == [400, 413] and len(hostile_codes) == 40
+        assert peak_rss_mb(proc.pid) - baseline < 300, (baseline, peak_rss_mb(proc.pid))
+        for _ in range(101):  # 1,100 connections: the 1,101st is refused at once, not queued
+            idle.append(socket.create_connection((host, int(port)), timeout=10))
+        assert idle[-1].recv(200).startswith(b"HTTP/1.1 503")
+        for s in idle:
+            s.close()
+        idle.clear()
+        assert requests.get(url + "/health", timeout=30).json() == {"status": "ok"}
+        assert chat(url, normal).status_code == 200
+    finally:
+        for s in idle:
+            s.close()
+        proc.kill()
+        proc.wait()
