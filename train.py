@@ -16,10 +16,12 @@ autocast when not sharded); gradients reduced in fp32; norms, softmax and the lo
 
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -400,17 +402,78 @@ class StepBatches:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def latest_checkpoint(ckpt_dir: str) -> tuple[str, int] | None:
-    """(path, step) of the last complete checkpoint: `latest` is rewritten atomically only after one is done."""
-    pointer = os.path.join(ckpt_dir, "latest")
-    if not os.path.exists(pointer):
-        return None
-    name = open(pointer).read().strip()
-    return os.path.join(ckpt_dir, name), int(name.split("-")[1])
+class MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle, and unpickling runs whatever it names. This one finds only what DCP
+    writes there (its metadata classes, torch.Size, dtypes, paths), so a planted payload fails to load."""
+
+    DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                   "torch.distributed.checkpoint.planner")
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        found = super().find_class(module, name) if "." not in name else None
+        dcp_class = module in self.DCP_MODULES and isinstance(found, type) and found.__module__ == module
+        dtype = module == "torch" and isinstance(found, torch.dtype)
+        if found is None or not (dcp_class or dtype or (module, name) in self.ALLOWED):
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's metadata: refusing it")
+        return found
+
+
+def checkpoint_reader(path: str):
+    """DCP's file reader, its metadata read by MetadataUnpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(os.path.join(path, ".metadata"), "rb") as f:
+                metadata = MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(path)
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verified(path: str) -> bool:
+    """Whether checkpoint `path` is complete and intact: its manifest lists every file with its sha256."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            manifest = json.load(f)
+        return all(file_sha256(os.path.join(path, name)) == digest for name, digest in manifest.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def find_checkpoint(ckpt_dir: str, rank: int) -> tuple[str, int] | None:
+    """(path, step) of the newest checkpoint that verifies (rank 0 checks, every rank gets its answer); a
+    damaged one is named and the one before it used."""
+    found = None
+    if rank == 0 and os.path.isdir(ckpt_dir):
+        for name in sorted((n for n in os.listdir(ckpt_dir) if re.fullmatch(r"step-\d{7}", n)), reverse=True):
+            if verified(os.path.join(ckpt_dir, name)):
+                found = (os.path.join(ckpt_dir, name), int(name.split("-")[1]))
+                break
+            print(f"warning: checkpoint {os.path.join(ckpt_dir, name)} is incomplete or damaged (its files do not "
+                  "match its manifest.json); trying the one before it", flush=True)
+    if dist.is_initialized():
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    return found
 
 
 def save_checkpoint(model, optimizer, ckpt_dir: str, step: int, rank: int) -> None:
-    """Sharded, resumable state (model, optimizer, RNG); the data position is the step itself."""
+    """Sharded, resumable state (model, optimizer, RNG; the data position is the step itself) and a manifest
+    of its files' sha256, each rank hashing what it wrote. The checkpoint before it is deleted only once this
+    one is complete, and is kept as the fallback for a damaged one."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -421,14 +484,30 @@ def save_checkpoint(model, optimizer, ckpt_dir: str, step: int, rank: int) -> No
         {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}, os.path.join(path, f"rng-{rank}.pt")
     )
     barrier()
-    if rank == 0:  # only now is the new checkpoint complete: switch the pointer, then drop older ones
-        with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(path))
-        os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
-        for old in os.listdir(ckpt_dir):
-            if old.startswith("step-") and old != os.path.basename(path):
-                shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    mine = [n for n in os.listdir(path) if re.fullmatch(rf"(__{rank}_\d+\.distcp|rng-{rank}\.pt)", n)]
+    digests = {n: file_sha256(os.path.join(path, n)) for n in mine + ([".metadata"] if rank == 0 else [])}
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, digests)
+        digests = {k: v for part in parts for k, v in part.items()}
+    if rank == 0:  # only now is the new checkpoint complete: its manifest, then the pointer, then the cleanup
+        missed = set(os.listdir(path)) - set(digests)
+        digests.update({n: file_sha256(os.path.join(path, n)) for n in missed})
+        atomic_write(os.path.join(path, "manifest.json"), json.dumps(digests, indent=1))
+        atomic_write(os.path.join(ckpt_dir, "latest"), os.path.basename(path))
+        steps = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"step-\d{7}", n))
+        for old in steps[:-2]:  # keep this one and the one before it
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     barrier()
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old file or the whole new one, never a part."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(model, optimizer, path: str, rank: int) -> None:
@@ -437,7 +516,7 @@ def load_checkpoint(model, optimizer, path: str, rank: int) -> None:
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=checkpoint_reader(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=True)  # tensors only: no pickle runs
     torch.set_rng_state(rng["torch"])
@@ -701,7 +780,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     ckpt_dir = os.path.join(cfg.out_dir, f"{phase.name}-ckpt")
     os.makedirs(ckpt_dir, exist_ok=True)
     start = 0
-    if found := latest_checkpoint(ckpt_dir):
+    if found := find_checkpoint(ckpt_dir, rank):
         load_checkpoint(model, optimizer, found[0], rank)
         start = found[1]
     steps_per_epoch = len(dataset) // phase.batch_size
@@ -803,10 +882,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             sys.stdout.flush()  # one line per step also when stdout is a file
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
             if rank == 0:  # the metrics first: a checkpoint that exists has its history (resume drops the excess)
-                tmp = metrics_path + ".tmp"
-                with open(tmp, "w") as f:
-                    f.writelines(json.dumps(h) + "\n" for h in history)
-                os.replace(tmp, metrics_path)
+                atomic_write(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
             save_checkpoint(model, optimizer, ckpt_dir, step + 1, rank)
     bar.close()
     export(model, out, tokenizer_path, rank)

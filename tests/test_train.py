@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -242,6 +243,76 @@ def test_death_right_after_a_checkpoint_keeps_the_loss_history(init_dir, tmp_pat
     assert "resuming at step 2" in run(args)
     with open(tmp_path / "stage2.metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3]
+
+
+def die_after_checkpoints(monkeypatch, n: int):
+    """train.main in this process dies (KeyboardInterrupt) right after its n-th complete checkpoint."""
+    save, saved = train.save_checkpoint, []
+
+    def save_then_maybe_die(*a, **kw):
+        save(*a, **kw)
+        saved.append(1)
+        if len(saved) == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_maybe_die)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU, alone, as a subprocess run
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.delenv("RANK", raising=False)
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes_exactly(init_dir, tmp_path, monkeypatch):
+    args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=32,32,32,32", "--batch_size=8",
+            "--max_steps=4", "--ckpt_every=1", "--lr=1e-3"]
+    run([*args, f"--out_dir={tmp_path / 'straight'}"])
+    out = tmp_path / "damaged"
+    die_after_checkpoints(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, f"--out_dir={out}"])
+    monkeypatch.undo()
+    ckpt = out / "stage2-ckpt"
+    assert sorted(os.listdir(ckpt)) == ["latest", "step-0000002", "step-0000003"]  # the newest two are kept
+    shard = ckpt / "step-0000003" / "__0_0.distcp"
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = bytes(64)  # 64 bytes zeroed: before, a silent resume
+    shard.write_bytes(damaged)
+    log = run([*args, f"--out_dir={out}"])
+    assert f"checkpoint {ckpt / 'step-0000003'} is incomplete or damaged" in log and "resuming at step 2" in log
+    a, b = weights(tmp_path / "straight", "stage2"), weights(out, "stage2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_planted_pickle_in_checkpoint_metadata_does_not_run(init_dir, tmp_path, monkeypatch):
+    """DCP's .metadata is a pickle: a payload placed there (and the manifest made to match it) is refused
+    before anything in it runs. rng-{rank}.pt loads with weights_only=True, which refuses the same."""
+    args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=32,32,32,32", "--batch_size=8",
+            "--max_steps=4", "--ckpt_every=2", f"--out_dir={tmp_path}"]
+    die_after_checkpoints(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.undo()
+    step, marker = tmp_path / "stage2-ckpt" / "step-0000002", tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for name in (".metadata", "rng-0.pt"):
+        original = (step / name).read_bytes()
+        (step / name).write_bytes(pickle.dumps(Payload()) if name == ".metadata" else b"")
+        if name == "rng-0.pt":
+            torch.save({"torch": Payload()}, step / name)
+        manifest = json.loads((step / "manifest.json").read_text())
+        manifest[name] = train.file_sha256(str(step / name))
+        (step / "manifest.json").write_text(json.dumps(manifest))
+        result = subprocess.run(command(args), env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and not marker.exists(), name
+        assert ("has no place in a checkpoint's metadata" if name == ".metadata" else "Weights only load failed") \
+            in result.stderr, result.stderr[-2000:]
+        (step / name).write_bytes(original)
+        manifest[name] = train.file_sha256(str(step / name))
+        (step / "manifest.json").write_text(json.dumps(manifest))
+    assert "resuming at step 2" in run(args)  # the real files load
 
 
 def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
