@@ -587,23 +587,28 @@ class TinyGroundingGPT(nn.Module):
     @staticmethod
     def save_state(state: dict, config: TinyGroundingGPTConfig, directory: str,
                    tokenizer_path: str | None = None):
-        """save_pretrained for a state dict gathered elsewhere (e.g. from FSDP shards). Each file is written
-        to a temporary name first and renamed, so a crash never leaves a half-written file under its name."""
-        os.makedirs(directory, exist_ok=True)
-
-        def write(name, writer):
-            final = os.path.join(directory, name)
-            writer(final + ".tmp")
-            os.replace(final + ".tmp", final)
-
-        def write_config(tmp):
-            with open(tmp, "w") as f:
-                json.dump(config.to_dict(), f, indent=2)
-        write("config.json", write_config)
-        state = {k: v.detach().contiguous() for k, v in state.items()}
-        write("model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        """save_pretrained for a state dict gathered elsewhere (e.g. from FSDP shards). The files are written
+        into a temporary folder that is then renamed to `directory`: a crash leaves either no export or a
+        whole one (config.json, model.safetensors and tokenizer.json together), never part of one."""
+        directory = os.path.normpath(directory)
+        tmp, old = directory + ".writing", directory + ".replaced"
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier try
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
         if tokenizer_path is not None:
-            write("tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
+        if os.path.exists(directory):  # replacing an export: the old one is moved aside, then removed
+            if others := set(os.listdir(directory)) - {"config.json", "model.safetensors", "tokenizer.json"}:
+                shutil.rmtree(tmp)
+                raise FileExistsError(f"{directory} holds more than an export ({sorted(others)[:3]}): an export "
+                                      "replaces its folder whole, so choose an empty or new one")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def from_pretrained(cls, directory: str, dtype=torch.float32, device="cpu") -> "TinyGroundingGPT":
@@ -616,7 +621,6 @@ class TinyGroundingGPT(nn.Module):
             config = TinyGroundingGPTConfig.from_dict(json.load(f), config_file)
         with torch.device("meta"):
             model = cls(config)
-        # assign=True; the towers' load hook then recomputes their resized position tables
         load_strict(model, directory, dtype, device)
         return model.eval()
 

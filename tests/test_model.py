@@ -3,6 +3,7 @@ against a full recompute, generation, and the TinyGroundingGPT forward / save / 
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -336,6 +337,31 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
     os.remove(tmp_path / "out" / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
         TinyGroundingGPT.from_pretrained(str(tmp_path / "out"))
+
+
+def test_an_export_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A death while an export is written (here: copying the tokenizer, the last file) leaves no folder that
+    looks exported; before, config.json and model.safetensors stood there without tokenizer.json."""
+    model = TinyGroundingGPT(tiny_config())
+    (tmp_path / "tok.json").write_text("{}")
+    out = tmp_path / "stage2"
+
+    def die(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", die)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(str(out), tokenizer_path=str(tmp_path / "tok.json"))
+    monkeypatch.undo()
+    assert not out.exists()
+    model.save_pretrained(str(out), tokenizer_path=str(tmp_path / "tok.json"))  # the rerun: whole, no leftovers
+    assert sorted(os.listdir(tmp_path)) == ["stage2", "tok.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    model.save_pretrained(str(out), tokenizer_path=str(tmp_path / "tok.json"))  # replacing an export
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds more than an export"):
+        model.save_pretrained(str(out))
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_from_components_builds_from_hub_layouts(tmp_path):
