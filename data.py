@@ -125,7 +125,12 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":
-        return cls(tokenizers.Tokenizer.from_file(path), path)
+        try:
+            return cls(tokenizers.Tokenizer.from_file(path), path)
+        except Exception as e:  # tokenizers' errors name no file ("No such file or directory (os error 2)")
+            if isinstance(e, ValueError) and str(e).startswith(path):
+                raise
+            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids  # Qwen never adds a BOS

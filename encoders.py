@@ -268,21 +268,34 @@ def read_config(path: str, image_size: int | None = None, feature_layer: int = -
                         layer_norm_eps=get("layer_norm_eps"), feature_layer=feature_layer)
 
 
+def safetensors_keys(file: str) -> list[str]:
+    """The tensor names of a safetensors file, or a ValueError naming the file if it is not one."""
+    try:
+        with safe_open(file, "pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError, which names no file
+        raise ValueError(f"{file}: not a readable safetensors file ({e}); download or export it again") from None
+
+
 def checkpoint_files(path: str) -> tuple[dict[str, str], Callable[[str], torch.Tensor]]:
     """(checkpoint key -> file it lives in, function key -> tensor) for any of the three Hub layouts."""
     single, index, bin_file = (os.path.join(path, n) for n in
                                ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
     if os.path.isfile(single) or os.path.isfile(index):
         if os.path.isfile(single):
-            with safe_open(single, "pt") as f:
-                sources = dict.fromkeys(f.keys(), single)
+            sources = dict.fromkeys(safetensors_keys(single), single)
         else:
-            with open(index) as f:
-                sources = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+            try:
+                with open(index) as f:
+                    sources = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index}: not a safetensors index with a weight_map ({e})") from None
             absent = sorted({file for file in sources.values() if not os.path.isfile(file)})
             if absent:
                 raise FileNotFoundError(f"shards listed in {index} not found: {absent} (an interrupted download? "
                                         "fetch the snapshot again)")
+            for file in set(sources.values()):
+                safetensors_keys(file)  # a damaged shard is named now, not deep inside a load
         handles = {}
 
         def get(key):

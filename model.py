@@ -384,13 +384,14 @@ def load_strict(model: nn.Module, path: str, dtype, device, skip: set[str] = fro
             unexpected.append(f"{key} (in {file})")
             continue
         t = get(key)
-        if t.shape != expected[key].shape:
-            bad_shapes.append(f"{key} in {file}: {list(t.shape)}, expected {list(expected[key].shape)}")
+        if t.shape != expected[key].shape or t.is_floating_point() != expected[key].is_floating_point():
+            bad_shapes.append(f"{key} in {file}: {list(t.shape)} {t.dtype}, expected {list(expected[key].shape)} "
+                              f"{'floating point' if expected[key].is_floating_point() else expected[key].dtype}")
             bad_keys.add(key)
             continue
         state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     missing = sorted(set(expected) - set(state) - bad_keys)
-    problems = {"missing tensors": missing, "unexpected tensors": unexpected, "wrong shapes": bad_shapes}
+    problems = {"missing tensors": missing, "unexpected tensors": unexpected, "wrong shapes or dtypes": bad_shapes}
     if any(problems.values()):
         listing = lambda keys: f"{keys[:10]}" + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
         raise ValueError(f"weights in {path} do not match the model built from its config.json:\n  " +
@@ -617,8 +618,11 @@ class TinyGroundingGPT(nn.Module):
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{file} not found: a TinyGroundingGPT directory holds config.json "
                                         "and model.safetensors written by save_pretrained (train.py exports)")
-        with open(config_file) as f:
-            config = TinyGroundingGPTConfig.from_dict(json.load(f), config_file)
+        try:
+            with open(config_file) as f:
+                config = TinyGroundingGPTConfig.from_dict(json.load(f), config_file)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{config_file}: not a TinyGroundingGPT config ({type(e).__name__}: {e})") from None
         with torch.device("meta"):
             model = cls(config)
         load_strict(model, directory, dtype, device)

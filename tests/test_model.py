@@ -95,7 +95,8 @@ def test_load_qwen2_errors_name_the_problem(tmp_path):
         load_with(missing)
     with pytest.raises(ValueError, match=r"unexpected tensors: \['model.extra.weight \(in .*safetensors\)"):
         load_with({**good, "model.extra.weight": torch.zeros(2)})
-    with pytest.raises(ValueError, match=r"wrong shapes: \['model.norm.weight in .*\[31\], expected \[32\]"):
+    wrong = r"wrong shapes or dtypes: \[.model.norm.weight in .*\[31\] torch.float32, expected \[32\]"
+    with pytest.raises(ValueError, match=wrong):
         load_with({**good, "model.norm.weight": torch.ones(31)})
     load_with(good)  # the untouched checkpoint loads
     os.remove(file)
@@ -362,6 +363,33 @@ def test_an_export_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="holds more than an export"):
         model.save_pretrained(str(out))
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_damaged_export_files_are_named(tmp_path):
+    import data
+
+    model = TinyGroundingGPT(tiny_config())
+    model.save_pretrained(str(tmp_path / "good"))
+    for name, damage, message in [
+            ("config.json", b'{"llm": ', "config.json: not a TinyGroundingGPT config"),
+            ("model.safetensors", b"\x00" * 64, "model.safetensors: not a readable safetensors file"),
+            ("model.safetensors", None, "wrong shapes or dtypes: .*int64, expected .* floating point")]:
+        shutil.rmtree(tmp_path / "bad", ignore_errors=True)
+        shutil.copytree(tmp_path / "good", tmp_path / "bad")
+        if damage is None:  # an integer tensor where weights belong: it loaded, then failed at inference
+            state = load_file(tmp_path / "good" / "model.safetensors")
+            key = next(iter(state))
+            save_file({**state, key: state[key].long()}, tmp_path / "bad" / "model.safetensors")
+        else:
+            (tmp_path / "bad" / name).write_bytes(damage)
+        with pytest.raises(ValueError, match=message) as err:
+            TinyGroundingGPT.from_pretrained(str(tmp_path / "bad"))
+        assert str(tmp_path / "bad") in str(err.value)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model"')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.json'}: not a readable tokenizer.json"):
+        data.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'nothing.json'}: not a readable tokenizer.json"):
+        data.Tokenizer.from_file(str(tmp_path / "nothing.json"))
 
 
 def test_from_components_builds_from_hub_layouts(tmp_path):
