@@ -255,9 +255,15 @@ def validate_sample(sample, where: str, image_root: str = "", check_file: bool =
     """Raise SampleError naming `where` if the sample breaks the format (see SPEC: the sample format)."""
     if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
         raise SampleError(where, "bad sample", "expected an object with a 'conversations' list")
+    image = sample.get("image")
+    if image is not None and not isinstance(image, (str, Image.Image)):
+        raise SampleError(where, "bad sample", f"'image' must be a path, got {type(image).__name__}")
+    if not isinstance(sample.get("objects") or [], list):
+        raise SampleError(where, "bad sample", f"'objects' must be a list of boxes, got {sample['objects']!r:.60}")
     n_image = n_object = 0
     for k, turn in enumerate(sample["conversations"]):
-        if not (isinstance(turn, dict) and turn.get("from") in ROLES and isinstance(turn.get("value"), str)):
+        role = turn.get("from") if isinstance(turn, dict) else None
+        if not (isinstance(role, str) and role in ROLES and isinstance(turn.get("value"), str)):
             raise SampleError(where, "bad sample", f"turn {k} is not {{'from': 'human'|'gpt', 'value': str}}")
         if turn["from"] == "gpt" and MARKER_RE.search(turn["value"]):
             raise SampleError(where, "bad sample", f"turn {k}: <image>/<object> belong in human turns only")
@@ -283,22 +289,29 @@ def validate_sample(sample, where: str, image_root: str = "", check_file: bool =
 
 
 def _records(path: str):
-    """(where, parsed object or the JSONDecodeError) for each record of a JSON list or a JSONL file."""
-    text = open(path, encoding="utf-8").read()
+    """(where, parsed object or the error) for each record of a JSON list or a JSONL file. A line that is not
+    UTF-8, not JSON, or nested past the parser's depth is an error record (skipped and counted, or named)."""
+    raw = open(path, "rb").read()
     try:
-        parsed = json.loads(text)
+        parsed = json.loads(raw.decode("utf-8"))
         if isinstance(parsed, list):
             yield from ((f"{path} item {k}", item) for k, item in enumerate(parsed))
             return
-    except json.JSONDecodeError as e:
-        if not path.endswith(".jsonl") and "Extra data" not in e.msg:  # "Extra data": JSONL named .json
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        jsonl = path.endswith(".jsonl") or "Extra data" in str(e)  # "Extra data": JSONL named .json
+        if not jsonl:
+            line = getattr(e, "lineno", None) or raw[: getattr(e, "start", 0)].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: not a JSON list ({type(e).__name__}: {str(e)[:200]})") from None
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
         if line.strip():
             try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{lineno}", e
+                yield f"{path}:{lineno}", json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError) as e:
+                yield f"{path}:{lineno}", MalformedLine(f"{type(e).__name__}: {str(e)[:200]}")
+
+
+class MalformedLine(str):
+    """The error of a line that is not a JSON record (what _records yields in its place)."""
 
 
 def _located(sample: dict, where: str, image_root: str) -> dict:
@@ -319,8 +332,8 @@ def _valid(records, image_root: str, counter, check_file: bool = True) -> list[d
     samples = []
     for where, record in records:
         try:
-            if isinstance(record, json.JSONDecodeError):
-                raise SampleError(where, "malformed line", record.msg)
+            if isinstance(record, MalformedLine):
+                raise SampleError(where, "malformed line", record)
             validate_sample(record, where, image_root, check_file)
         except SampleError as e:
             if counter is None:
@@ -403,8 +416,10 @@ def read_rec_jsonl(path: str, image_dir: str = "") -> list[dict]:
     "height"} (Shikra's REC_refcoco_unc_val.jsonl, and the shapes eval splits)."""
     records = []
     for where, r in _records(path):
-        if isinstance(r, json.JSONDecodeError):
-            raise SampleError(where, "malformed line", r.msg)
+        if isinstance(r, MalformedLine):
+            raise SampleError(where, "malformed line", r)
+        if not isinstance(r, dict):
+            raise SampleError(where, "bad sample", f"expected a JSON object, got {type(r).__name__}")
         missing = [k for k in ("img_path", "expression", "bbox", "width", "height") if k not in r]
         if missing:
             raise SampleError(where, "bad sample", f"missing keys {missing}")

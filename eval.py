@@ -73,14 +73,19 @@ class Questions(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
+        """(i, prompt ids, pixels or None, why the image could not be read or None)."""
         ids = data.encode_prompt(self.tok, "<image>\n" + self.questions[i], self.n_image, self.n_object,
                                  image_after_question=self.image_after_question)
-        return i, ids, self.processor(data.load_image(self.records[i]["image"]))
+        try:
+            return i, ids, self.processor(data.load_image(self.records[i]["image"])), None
+        except (OSError, ValueError) as e:  # unreadable, truncated or oversized: this question only
+            return i, ids, None, f"{self.records[i]['image']}: {e}"
 
 
 def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=64, workers=2, desc="") -> list:
-    """Greedy answers (text) to one question per record, in the records' order. Prompts are grouped by
-    length so that a batch pads little; batching does not change answers (tests/test_eval.py)."""
+    """Greedy answers (text) to one question per record, in the records' order; for a record whose image
+    cannot be read, a ReadError in its place (the others are answered). Prompts are grouped by length so that
+    a batch pads little; batching does not change answers (tests/test_eval.py)."""
     dataset = Questions(records, questions, tok, model)
     order = sorted(range(len(records)), key=lambda i: len(questions[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -89,11 +94,21 @@ def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=64,
     )
     answers = [None] * len(records)
     for items in tqdm(loader, total=len(batches), desc=desc, leave=False, disable=not desc):
-        rows, prompts, pixels = zip(*items)
-        out = model.generate(list(prompts), images=torch.stack(pixels), max_new_tokens=max_new_tokens)
-        for row, ids in zip(rows, out):
-            answers[row] = tok.decode(ids)
+        for row, _, _, error in items:
+            if error:
+                answers[row] = ReadError(error)
+        items = [item for item in items if item[3] is None]
+        if items:
+            rows, prompts, pixels, _ = zip(*items)
+            out = model.generate(list(prompts), images=torch.stack(pixels), max_new_tokens=max_new_tokens)
+            for row, ids in zip(rows, out):
+                answers[row] = tok.decode(ids)
     return answers
+
+
+class ReadError(str):
+    """answer_all's stand-in for the answer to a question whose image could not be read: scored as wrong,
+    its rows carry the reason in "error"."""
 
 
 def evaluate_rec(model, tok, records, batch_size=32, workers=2, desc="") -> list[dict]:
@@ -102,16 +117,18 @@ def evaluate_rec(model, tok, records, batch_size=32, workers=2, desc="") -> list
     answers = answer_all(model, tok, records, questions, batch_size, workers=workers, desc=desc)
     rows = []
     for r, answer in zip(records, answers):
-        pred, overlap = score_rec_answer(answer, r["bbox"], r["width"], r["height"])
+        pred, overlap = (None, 0.0) if isinstance(answer, ReadError) else score_rec_answer(
+            answer, r["bbox"], r["width"], r["height"])
         rows.append(
             dict(
                 id=r.get("where", ""),
                 expression=r["expression"],
-                answer=answer,
+                answer="" if isinstance(answer, ReadError) else answer,
                 pred_box=pred,
                 gt_box=r["bbox"],
                 iou=round(overlap, 4),
                 correct=overlap >= 0.5,
+                **({"error": str(answer)} if isinstance(answer, ReadError) else {}),
             )
         )
     return rows
@@ -132,7 +149,9 @@ def evaluate_pope(model, tok, records, batch_size=32, workers=2, desc="") -> lis
     """Per-question results: the answer and the yes/no read from it, next to the label."""
     answers = answer_all(model, tok, records, [r["text"] for r in records], batch_size, 16, workers, desc)
     return [
-        dict(question_id=r["question_id"], text=r["text"], answer=a, prediction=pope_answer(a), label=r["label"])
+        dict(question_id=r["question_id"], text=r["text"], answer="" if isinstance(a, ReadError) else a,
+             prediction="unreadable" if isinstance(a, ReadError) else pope_answer(a), label=r["label"],
+             **({"error": str(a)} if isinstance(a, ReadError) else {}))
         for r, a in zip(records, answers)
     ]
 
@@ -253,6 +272,9 @@ def main(argv=None):
         all_rows += [{"split": name, **row} for row in rows]
     if rank == 0:
         print_table(args.task, results)
+        if unreadable := [row for row in all_rows if "error" in row]:
+            print(f"{len(unreadable)} questions had an unreadable image, scored as wrong (the first: "
+                  f"{unreadable[0]['error']})")
         if args.out:
             with open(args.out + ".tmp", "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in all_rows)

@@ -179,6 +179,41 @@ def test_each_bad_record_names_file_and_line(tmp_path, reason):
         data.load_samples(str(path), image_root=str(tmp_path))
 
 
+HOSTILE_RECORDS = {  # lines that used to raise TypeError/UnicodeDecodeError/RecursionError naming nothing
+    "bad sample": [json.dumps(good_record(image=5)), json.dumps({**good_record(), "objects": 5}),
+                   json.dumps({"conversations": [{"from": ["human"], "value": "<image>\nHi"}], "image": "a.png"})],
+    "malformed line": ["[" * 100_000, '{"id": "\xff\xfe"}'],  # nested past the parser; not UTF-8 (bytes below)
+}
+
+
+def test_hostile_records_are_named_or_skipped_and_counted(tmp_path):
+    write_image(tmp_path / "a.png")
+    path = tmp_path / "s.jsonl"
+    for reason, lines in HOSTILE_RECORDS.items():
+        for line in lines:
+            raw = line.encode("latin-1") if "\xff" in line else line.encode()
+            path.write_bytes(json.dumps(good_record()).encode() + b"\n" + raw + b"\n")
+            with pytest.raises(SampleError, match=rf"{path}:2: {reason}"):
+                data.load_samples(str(path), image_root=str(tmp_path))
+            counter = SkipCounter()
+            assert len(data.load_samples(str(path), image_root=str(tmp_path), skip_bad=counter)) == 1
+            assert counter.totals() == {reason: 1}
+    (tmp_path / "list.json").write_bytes(b'[{"id": "\xff"}]')  # a JSON list that is not UTF-8: file and line
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'list.json'}:1: not a JSON list \(UnicodeDecodeError"):
+        data.load_samples(str(tmp_path / "list.json"))
+
+
+def test_an_image_past_the_pixel_limit_is_refused_before_decoding(tmp_path):
+    Image.new("1", (7000, 7000)).save(tmp_path / "bomb.png")  # 49 MP in a few KB
+    with pytest.raises(data.ImageTooLarge, match="bomb.png is 7000x7000 = 49,000,000 pixels, over the limit"):
+        data.load_image("bomb.png", str(tmp_path))
+    counter = SkipCounter()
+    dataset = data.SFTDataset([good_record("bomb.png"), good_record()], char_tokenizer(), tiny_processor(), 4, 1,
+                              image_root=str(tmp_path), skip_bad=counter)
+    write_image(tmp_path / "a.png")
+    assert dataset[0]["images"] is not None and counter.totals() == {"corrupt image": 1}
+
+
 def test_bad_records_skipped_and_counted(tmp_path):
     write_image(tmp_path / "a.png")
     lines = [json.dumps(good_record())] + list(BAD_RECORDS.values()) + [json.dumps(good_record())]

@@ -140,6 +140,19 @@ def test_pope_reports_metrics_per_setting_and_writes_rows(ckpt, shapes, tmp_path
         assert all(row["prediction"] == ev.pope_answer(row["answer"]) for row in mine)
 
 
+def test_an_unreadable_image_costs_its_question_not_the_run(ckpt, shapes, tmp_path, capsys):
+    shutil.copytree(shapes, tmp_path / "splits")
+    rows = read_jsonl(tmp_path / "splits" / "rec_val.jsonl")
+    (tmp_path / "splits" / rows[1]["img_path"]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "rec.jsonl"
+    results = run_eval(ckpt, "--task", "rec", "--data", tmp_path / "splits" / "rec_val.jsonl", "--out", out)
+    predictions = read_jsonl(out)
+    assert results["val"]["n"] == 8 and len(predictions) == 8  # before: the run died, nothing written
+    assert "error" in predictions[1] and not predictions[1]["correct"] and predictions[1]["pred_box"] is None
+    assert all("error" not in row and row["answer"] for k, row in enumerate(predictions) if k != 1)
+    assert "1 questions had an unreadable image" in capsys.readouterr().out
+
+
 def test_pope_folder_finds_the_benchmarks_own_file_names(ckpt, shapes, tmp_path):
     for setting in ("random", "popular", "adversarial"):  # POPE's repository: coco_pope_{setting}.json
         shutil.copy(shapes / f"pope_{setting}.jsonl", tmp_path / f"coco_pope_{setting}.json")
@@ -165,7 +178,7 @@ def test_prompts_put_the_image_where_the_model_was_trained_to_see_it(ckpt):
     n_image, n_object = model.num_image_tokens, model.config.object_tokens
     for after, text in [(False, "<image>\nWhere is it?"), (True, "Where is it?\n<image>")]:
         model.config.image_after_question = after
-        _, ids, _ = ev.Questions([{"image": photo}], ["Where is it?"], tok, model)[0]
+        _, ids, _, _ = ev.Questions([{"image": photo}], ["Where is it?"], tok, model)[0]
         assert ids == data.encode_prompt(tok, text, n_image, n_object)
 
 
