@@ -130,15 +130,17 @@ class Session:
     def ask(self, question: str, temperature: float = 0.0, max_new_tokens: int = 64, top_p: float = 1.0) -> str:
         ids, images, objects = self.prompt(question)
         context = self.model.config.llm.max_position_embeddings
-        if len(ids) + max_new_tokens > context:
-            raise ValueError(f"the conversation is {len(ids)} tokens; with {max_new_tokens} new ones that is over "
-                             f"this model's context of {context} tokens")
+        if len(ids) >= context:
+            raise ValueError(f"the conversation is {len(ids)} tokens, over this model's context of {context} "
+                             "tokens")
+        max_new_tokens = min(max_new_tokens, context - len(ids))  # the answer ends where the context does
         answer_ids = self.model.generate(
             [ids], images=images, objects=objects, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
         )[0]
         answer = self.tok.decode(answer_ids)
         self.history = self._turns(question) + [{"from": "gpt", "value": answer}]
-        self.last = dict(prompt_ids=ids, answer_ids=answer_ids, images=images, objects=objects)
+        self.last = dict(prompt_ids=ids, answer_ids=answer_ids, images=images, objects=objects,
+                         max_new_tokens=max_new_tokens)
         return answer
 
 
@@ -360,7 +362,7 @@ class ChatServer:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": answer},
-                    "finish_reason": "length" if completion >= max_tokens else "stop",
+                    "finish_reason": "length" if completion >= session.last["max_new_tokens"] else "stop",
                 }
             ],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},

@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -52,6 +53,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import requests
+import urllib3
 from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -199,6 +201,11 @@ class DiskCache:
         os.replace(tmp, path)
 
 
+def reject_constant(name: str):
+    """json.loads' hook for NaN, Infinity and -Infinity, which are not JSON: no NaN box or score gets in."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def retry_after_seconds(value) -> float | None:
     """Retry-After in seconds (a number or an HTTP date); None when absent or unreadable."""
     try:
@@ -209,6 +216,9 @@ def retry_after_seconds(value) -> float | None:
         return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
     except (TypeError, ValueError):
         return None
+
+
+MAX_ANSWER_BYTES = 16 << 20
 
 
 class HttpClient:
@@ -233,26 +243,28 @@ class HttpClient:
             self.stats.add("requests")
             delay = None
             try:
-                r = self._local.session.post(url, json=payload, headers=headers, timeout=self.timeout)
+                status, text, retry_after = self.fetch(url, payload, headers)
             except requests.Timeout:
                 reason = "timeout"
             except requests.RequestException:  # refused, reset, or a body cut short of its Content-Length
                 reason = "connection"
             else:
-                if r.status_code == 200:
+                if status == 200:
                     try:
-                        body = r.json()
-                    except ValueError:
+                        body = json.loads(text)
+                    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
                         reason = "bad_json"
                     else:
-                        if self.cache is not None and not (isinstance(body, dict) and "error" in body):
-                            self.cache.put(key, body)  # an error sent with 200 is not worth keeping
-                        return body
-                elif r.status_code == 429 or r.status_code >= 500:
-                    reason, delay = f"http_{r.status_code}", retry_after_seconds(r.headers.get("Retry-After"))
+                        if not (isinstance(body, dict) and "error" in body):
+                            if self.cache is not None:
+                                self.cache.put(key, body)
+                            return body
+                        reason = "error_in_200"  # the server failed but said 200: try again, never keep it
+                elif status == 429 or status >= 500:
+                    reason, delay = f"http_{status}", retry_after_seconds(retry_after)
                 else:  # our request is wrong (400, 401, 404...): asking again will not help
-                    self.stats.add(f"failed/{what}:http_{r.status_code}")
-                    raise RequestFailed(f"{url}: HTTP {r.status_code}: {r.text[:200]}")
+                    self.stats.add(f"failed/{what}:http_{status}")
+                    raise RequestFailed(f"{url}: HTTP {status}: {text[:200]}")
             if attempt == self.retries:
                 break
             self.stats.add("retries")
@@ -261,6 +273,25 @@ class HttpClient:
             time.sleep(min(delay, self.max_wait))
         self.stats.add(f"failed/{what}:{reason}")
         raise RequestFailed(f"{url}: {reason}, {self.retries + 1} tries")
+
+    def fetch(self, url: str, payload: dict, headers: dict) -> tuple[int, str, str | None]:
+        """(status, body text, Retry-After) of one POST, the whole of it within self.timeout: requests' own
+        timeout bounds each socket read, so a server dripping a byte at a time could hold a worker forever."""
+        deadline = time.monotonic() + self.timeout
+        with self._local.session.post(url, json=payload, headers=headers, timeout=self.timeout, stream=True) as r:
+            body = bytearray()
+            try:
+                while chunk := r.raw.read1(1 << 16):  # what has arrived, not a full 64 KB (urllib3 2's read1)
+                    body += chunk
+                    if time.monotonic() > deadline:
+                        raise requests.Timeout(f"the answer took longer than {self.timeout} s in all")
+                    if len(body) > MAX_ANSWER_BYTES:
+                        raise requests.RequestException(f"an answer over {MAX_ANSWER_BYTES >> 20} MiB")
+            except urllib3.exceptions.ReadTimeoutError as e:  # urllib3's, as requests would have wrapped them
+                raise requests.Timeout(e) from e
+            except urllib3.exceptions.HTTPError as e:  # a body cut short of its Content-Length, a reset
+                raise requests.ConnectionError(e) from e
+            return r.status_code, body.decode("utf-8", errors="replace"), r.headers.get("Retry-After")
 
 
 # ----------------------------------------------------------------------------- the models
@@ -333,7 +364,7 @@ def detections_from_response(body, width: int, height: int) -> list[Detection]:
         raise Malformed(f"grounder answer: {e!r}") from None
     if any(len(d.box) != 4 for d in found):
         raise Malformed("a grounder box without 4 numbers")
-    return found
+    return [d for d in found if all(math.isfinite(v) for v in [*d.box, d.score])]  # no NaN box or score
 
 
 class DetectGrounder:
@@ -393,9 +424,15 @@ def parse_json_answer(text: str):
         raise Malformed("no JSON in the answer")
     start = min(starts)
     try:
-        return json.loads(text[start:text.rfind("}" if text[start] == "{" else "]") + 1])
-    except ValueError as e:
-        raise Malformed(f"not JSON ({e})") from None
+        value = json.loads(text[start:text.rfind("}" if text[start] == "{" else "]") + 1],
+                           parse_constant=reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise Malformed(f"not JSON ({type(e).__name__}: {str(e)[:100]})") from None
+    try:  # a lone surrogate ("\\ud800") parses, but no file can hold it as UTF-8
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Malformed("the answer holds a lone surrogate") from None
+    return value
 
 
 def select_objects(detections: list[Detection], width: int, height: int, cfg: SynthConfig) -> dict:
@@ -564,8 +601,8 @@ class Pipeline:
         table = "\n".join(f"{o.id}: {o.label} {format_box(o.box)}" for o in objects.values())
 
         triples = self.ask("relations", data_url, events, key, objects=table).get("relations")  # 3
-        relations = [t for t in triples if isinstance(t, list) and len(t) == 3 and t[0] in objects
-                     and t[2] in objects] if isinstance(triples, list) else []
+        relations = [t for t in _list(triples) if isinstance(t, list) and len(t) == 3 and isinstance(t[0], str)
+                     and isinstance(t[2], str) and t[0] in objects and t[2] in objects]
         context = dict(objects=table, max_qas=cfg.max_qas,
                        relations="\n".join(f"({a}, {r}, {b})" for a, r, b in relations) or "(none)")
 
@@ -639,7 +676,8 @@ class Output:
 
     def write(self, key: str, samples: list[dict]):
         """Samples first, fsynced, then the marker: after a crash between the two, opening cuts them off."""
-        self.samples_file.write(b"".join(json.dumps(s, ensure_ascii=False).encode() + b"\n" for s in samples))
+        lines = [json.dumps(s, ensure_ascii=False, allow_nan=False).encode() + b"\n" for s in samples]  # strict JSON
+        self.samples_file.write(b"".join(lines))
         self.samples_file.flush()
         os.fsync(self.samples_file.fileno())
         record = {"image": key, "end": self.samples_file.tell(), "samples": len(samples)}
@@ -709,6 +747,9 @@ def synthesize(cfg: SynthConfig) -> Counter:
                 except (RequestFailed, OSError, Image.DecompressionBombError) as e:
                     stats.add("images_failed")
                     log.error("%s: %s (not marked done: the next run retries it)", key, e)
+                except Exception as e:  # an answer no check foresaw: this image fails, the run goes on
+                    stats.add("images_failed")
+                    log.exception("%s: %s (not marked done: the next run retries it)", key, e)
                 else:
                     output.write(key, samples)
                     stats.merge(events + Counter(images_done=1, samples=len(samples)))

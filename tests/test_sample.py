@@ -387,6 +387,9 @@ def test_server_refuses_bad_requests_with_4xx_json_and_keeps_serving(server):
         assert reply.startswith(b"HTTP/1.0 400") and b"Content-Length must" in reply, reply[:200]
     r = chat(server, {"messages": [{"role": "user", "content": "red " * 300}]})
     assert "over this model's context of 256 tokens" in r.json()["error"]["message"]
+    r = chat(server, {"messages": [{"role": "user", "content": "red " * 100}], "max_tokens": 1000})
+    usage = r.json()["usage"]  # a prompt that fits: the answer may run to the end of the context, no further
+    assert r.status_code == 200 and usage["total_tokens"] <= 256
     r = chat(server, {"model": "gpt-4o", "messages": [user]})  # as OpenAI answers a model it does not have
     assert r.status_code == 404 and "'gpt-4o' does not exist" in r.json()["error"]["message"]
     bomb = io.BytesIO()

@@ -73,8 +73,8 @@ class FakeServer:
     after 1 s), "nonjson" (a 200 whose body is not JSON), "truncated" (body cut short of its Content-Length).
     `answers` overrides ANSWERS; "length:<text>" answers <text> with finish_reason "length"."""
 
-    def __init__(self, faults=(), answers=None, delay=0.0, grounder_format="ours"):
-        self.faults, self.answers = list(faults), {**ANSWERS, **(answers or {})}
+    def __init__(self, faults=(), answers=None, delay=0.0, grounder_format="ours", nan_label=None):
+        self.faults, self.answers, self.nan_label = list(faults), {**ANSWERS, **(answers or {})}, nan_label
         self.delay, self.format = delay, grounder_format
         self.seen, self.lock, self.auth = Counter(), threading.Lock(), set()
         server = self
@@ -99,6 +99,17 @@ class FakeServer:
                     body = server.answer(self.path, request)
                     if fault == "nonjson":
                         body = b"<html>502 Bad Gateway</html>"
+                    if fault == "error200":  # some gateways report failures with a 200
+                        body = b'{"error": {"message": "upstream overloaded"}}'
+                    if fault == "drip":  # a byte at a time: each read is quick, the whole is not
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        for k in range(len(body)):
+                            self.wfile.write(body[k : k + 1])
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                        return
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
@@ -127,7 +138,8 @@ class FakeServer:
                          for _, b, _ in found]
                 return json.dumps({"boxes": boxes, "logits": [s for *_, s in found],
                                    "phrases": [lbl for lbl, *_ in found]}).encode()
-            detections = [{"label": lbl, "box": b, "score": s} for lbl, b, s in found]
+            detections = [{"label": lbl, "box": b, "score": float("nan") if lbl == self.nan_label else s}
+                          for lbl, b, s in found]  # Python's json writes NaN, which is not JSON
             return json.dumps({"detections": detections}).encode()
         assert path == "/v1/chat/completions", path
         content = request["messages"][-1]["content"]
@@ -215,6 +227,43 @@ def test_retries_429_500_timeout_nonjson_truncated(server, tmp_path):
     assert counts["retries"] == 5 and counts["requests"] == 6 + 5
     assert counts["images_done"] == 1 and counts["samples"] > 0
     assert not any(k.startswith("failed/") for k in counts)
+
+
+def test_an_error_sent_with_200_is_retried_and_never_costs_the_image(server, tmp_path):
+    """Before: a 200 holding {"error": ...} marked the image done with 0 samples, and reruns skipped it."""
+    images = make_images(tmp_path / "images", 1)
+    srv = server(faults=["error200"] * 2)  # retries 1: the first request fails for good
+    counts = synth.synthesize(config(srv, tmp_path, images, retries=1))
+    assert counts["images_failed"] == 1 and counts["failed/vlm:error_in_200"] == 1 and counts["images_done"] == 0
+    counts = synth.synthesize(config(srv, tmp_path, images, retries=1))  # a healthy rerun
+    assert counts["images_done"] == 1 and counts["samples"] > 0
+
+
+def test_hostile_but_parseable_answers_never_stop_the_run(server, tmp_path):
+    """An id that is a list, a lone surrogate, JSON nested past the parser, a NaN score: each is counted as
+    malformed (or dropped), the run finishes every image, and the output is strict JSON."""
+    images = make_images(tmp_path / "images", 2)
+    srv = server(answers={"relations": '{"relations": [[["red_square-1"], "left of", "blue_circle-1"]]}',
+                          "conversation": '{"conversation": [{"question": "\\ud800?", "answer": "x"}]}',
+                          "description": "[" * 50_000},
+                 nan_label="red square")
+    counts = synth.synthesize(config(srv, tmp_path, images, timeout=5))
+    assert counts["images_done"] == 2 and counts["images_failed"] == 0
+    assert counts["malformed/conversation"] == 2 and counts["malformed/description"] == 2
+    text = (tmp_path / "out.jsonl").read_text()
+    assert "NaN" not in text and "red square" not in text  # its NaN detection was dropped
+    assert all(json.loads(line, parse_constant=lambda c: pytest.fail(c)) for line in text.splitlines())
+    cached = synth.synthesize(config(srv, tmp_path, images, out="again.jsonl", timeout=5,
+                                     cache=str(tmp_path / "out.jsonl.cache")))  # the bad answers, cached
+    assert cached["images_done"] == 2 and cached["requests"] == 0
+
+
+def test_timeout_bounds_the_whole_request_not_each_read(server, tmp_path):
+    images = make_images(tmp_path / "images", 1)
+    srv = server(faults=["drip"] * 2)  # ~20 s to send a whole answer, 50 ms a byte
+    start = time.time()
+    counts = synth.synthesize(config(srv, tmp_path, images, timeout=1.0, retries=1))
+    assert counts["failed/vlm:timeout"] == 1 and time.time() - start < 6  # before: ~40 s under --timeout 1
 
 
 def test_4xx_is_not_retried(server, tmp_path):

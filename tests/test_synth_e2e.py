@@ -101,6 +101,7 @@ def scripted_generate(model, tok, scenes: dict):
 def server(ckpt, scenes, monkeypatch):
     model, tok = sample.load(ckpt)
     monkeypatch.setattr(model, "generate", scripted_generate(model, tok, scenes[1]))
+    model.config.llm.max_position_embeddings = 4096  # it plays a VLM whose context holds synth's prompts
     with serving(model, tok, "tiny-scripted") as url:
         yield url
 
@@ -158,9 +159,10 @@ def test_synth_against_the_served_model_makes_samples_that_train(server, scenes,
 @pytest.mark.skipif(not os.path.isfile(os.path.join(SHIPPED, "model.safetensors")),
                     reason="the shipped shapes model (assets/shapes-model) is not there yet")
 def test_synth_against_sample_py_serve_running_the_shipped_model(scenes, tmp_path):
-    """The real command line: `python sample.py --serve --port 0`. The shapes model was not trained to annotate,
-    so what it answers may be unusable (counted as malformed); the run must complete, and any samples load and
-    train."""
+    """The real command line: `python sample.py --serve --port 0` with the shipped shapes model, whose context
+    (256 tokens) is shorter than synth's prompts (~420 with the image): the server refuses each with a 400 that
+    names the context (it used to run past the positions it was trained on), synth counts every image as
+    failed without marking it done, and the run completes."""
     images, _ = scenes
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--serve", "--port", "0",
                              "--ckpt", SHIPPED, "--device", "cpu"], env=ENV, stdout=subprocess.PIPE,
@@ -174,11 +176,8 @@ def test_synth_against_sample_py_serve_running_the_shipped_model(scenes, tmp_pat
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert counts["images_done"] == 3 and counts["images_failed"] == 0 and counts["requests"] >= 3
-    samples = data.load_samples([str(out)], image_root=str(images))
-    assert len(samples) == counts["samples"]
-    if len(samples) >= 4:
-        train_on(out, images, SHIPPED, tmp_path / "run")
+    assert counts["images_done"] == 0 and counts["images_failed"] == 3 and counts["failed/vlm:http_400"] == 3
+    assert out.read_text() == "" and (tmp_path / "synth.jsonl.done").read_text() == ""  # the rerun retries all
 
 
 def test_scripted_answers_are_what_the_server_returns(server, scenes):
