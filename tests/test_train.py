@@ -261,7 +261,8 @@ def die_after_checkpoints(monkeypatch, n: int):
     monkeypatch.delenv("RANK", raising=False)
 
 
-def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes_exactly(init_dir, tmp_path, monkeypatch):
+def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes_exactly(init_dir, tmp_path, monkeypatch,
+                                                                              capsys):
     args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=32,32,32,32", "--batch_size=8",
             "--max_steps=4", "--ckpt_every=1", "--lr=1e-3"]
     run([*args, f"--out_dir={tmp_path / 'straight'}"])
@@ -269,14 +270,15 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes_exactly(ini
     die_after_checkpoints(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train.main([*args, f"--out_dir={out}"])
-    monkeypatch.undo()
     ckpt = out / "stage2-ckpt"
     assert sorted(os.listdir(ckpt)) == ["latest", "step-0000002", "step-0000003"]  # the newest two are kept
     shard = ckpt / "step-0000003" / "__0_0.distcp"
     damaged = bytearray(shard.read_bytes())
     damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = bytes(64)  # 64 bytes zeroed: before, a silent resume
     shard.write_bytes(damaged)
-    log = run([*args, f"--out_dir={out}"])
+    capsys.readouterr()
+    train.main([*args, f"--out_dir={out}"])
+    log = capsys.readouterr().out
     assert f"checkpoint {ckpt / 'step-0000003'} is incomplete or damaged" in log and "resuming at step 2" in log
     a, b = weights(tmp_path / "straight", "stage2"), weights(out, "stage2")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -290,29 +292,26 @@ def test_a_planted_pickle_in_checkpoint_metadata_does_not_run(init_dir, tmp_path
     die_after_checkpoints(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
-    monkeypatch.undo()
     step, marker = tmp_path / "stage2-ckpt" / "step-0000002", tmp_path / "payload-ran"
 
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    for name in (".metadata", "rng-0.pt"):
+    for name, refusal in [(".metadata", "has no place in a checkpoint's metadata"), ("rng-0.pt", "Weights only")]:
         original = (step / name).read_bytes()
-        (step / name).write_bytes(pickle.dumps(Payload()) if name == ".metadata" else b"")
-        if name == "rng-0.pt":
+        if name == ".metadata":
+            (step / name).write_bytes(pickle.dumps(Payload()))
+        else:
             torch.save({"torch": Payload()}, step / name)
         manifest = json.loads((step / "manifest.json").read_text())
-        manifest[name] = train.file_sha256(str(step / name))
-        (step / "manifest.json").write_text(json.dumps(manifest))
-        result = subprocess.run(command(args), env=ENV, capture_output=True, text=True, timeout=300)
-        assert result.returncode != 0 and not marker.exists(), name
-        assert ("has no place in a checkpoint's metadata" if name == ".metadata" else "Weights only load failed") \
-            in result.stderr, result.stderr[-2000:]
+        (step / "manifest.json").write_text(json.dumps({**manifest, name: train.file_sha256(str(step / name))}))
+        with pytest.raises(BaseException) as refused:  # DCP wraps the UnpicklingError in a CheckpointException
+            train.main(args)  # the resume finds the (re-hashed) checkpoint and refuses what it holds
+        assert refusal in str(refused.value), str(refused.value)[-2000:]
+        assert not marker.exists(), name
         (step / name).write_bytes(original)
-        manifest[name] = train.file_sha256(str(step / name))
         (step / "manifest.json").write_text(json.dumps(manifest))
-    assert "resuming at step 2" in run(args)  # the real files load
 
 
 def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
@@ -360,7 +359,7 @@ def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
 
 @pytest.mark.parametrize("digits", [False, True])
 def test_shapes_towers_are_pretrained_then_frozen(tmp_path, digits):
-    out, steps = tmp_path / "run", 8 if digits else 40  # the digit terms: that they are trained and logged
+    out, steps = tmp_path / "run", 8 if digits else 24  # the digit terms: that they are trained and logged
     log = run([*COMMON, "--stage=1", f"--out_dir={out}", f"--tower_steps={steps}", "--shapes_samples=16,16,16,16",
                "--batch_size=8", "--max_steps=1", f"--tower_digits={digits}"])
     assert ("tenths" in log) == digits
