@@ -654,24 +654,39 @@ def grounding_description_sample(grounded, rng):
     return _sample(grounded, DESCRIPTION_PROMPT, answer)
 
 
-TEXTLESS_KINDS = {"object_to_box", "box_to_object", "relation"}  # they show an object's box or image, not its name
+# Stage 2 from a referring dataset as Table 7 has it: every expression stays a text-coordinate pair (4.1M from
+# RefCOCO/+/g and Visual Genome), and the object-image pairs come on top in proportion: image-coordinate 210K,
+# text-image 46K. The paper does not split its text-coordinate pairs into REC and REG: every expression is a REC
+# sample, and a share of them (REG_SHARE, our choice) also a REG sample.
+REG_SHARE = 0.5
+EXTRA_SHARES = {"image_coordinate": 210 / 4100, "text_image": 46 / 4100}  # x the text-coordinate pairs
+EXTRA_KINDS = {"image_coordinate": ["object_to_box", "box_to_object"], "text_image": ["text_to_object", "relation"]}
 
 
-def stage2_samples(grounded_images: list[dict], seed: int = 0) -> list[dict]:
-    """One sample per expression of every object (RefCOCO's objects have several), of a kind drawn by the
-    STAGE2_KINDS shares; REC when the image cannot make the kind drawn, or when the kind would not show the
-    expression and the object already has a sample of such a kind (it would repeat it)."""
+def stage2_samples(grounded_images: list[dict], seed: int = 0, reg_share: float = REG_SHARE,
+                   extra_shares: dict | None = None) -> list[dict]:
+    """Table 7's stage-2 mix from grounded images: a REC sample for every expression of every object, a REG
+    sample for `reg_share` of them, then image-coordinate and text-image samples, `extra_shares` (default
+    EXTRA_SHARES) x the text-coordinate count each, on objects drawn at random (a kind the image cannot make
+    is drawn again elsewhere). Images keep their order; the extra samples follow."""
     rng, samples = random.Random(seed), []
-    kinds, shares = list(STAGE2_KINDS), [share for _, share in STAGE2_KINDS.values()]
-    for grounded in grounded_images:
-        for obj in grounded["objects"]:
-            textless_done = False
-            for name in obj.get("names") or [obj["name"]]:
-                target, kind = {**obj, "name": name}, rng.choices(kinds, shares)[0]
-                sample = None if kind in TEXTLESS_KINDS and textless_done else STAGE2_KINDS[kind][0](
-                    grounded, rng, target)
-                textless_done |= sample is not None and kind in TEXTLESS_KINDS
-                samples.append(sample or rec_sample(grounded, rng, target))
+    targets = [(grounded, {**obj, "name": name}) for grounded in grounded_images for obj in grounded["objects"]
+               for name in obj.get("names") or [obj["name"]]]
+    for grounded, target in targets:
+        samples.append(rec_sample(grounded, rng, target))
+        if rng.random() < reg_share:
+            samples.append(reg_sample(grounded, rng, target))
+    text_coordinate = len(samples)
+    for group, share in (EXTRA_SHARES if extra_shares is None else extra_shares).items():
+        wanted, tries = round(share * text_coordinate), 0
+        limit = 20 * wanted  # images that cannot make the group's kinds (one object) must not loop forever
+        while wanted and targets and tries < limit:
+            tries += 1
+            grounded, target = rng.choice(targets)
+            sample = STAGE2_KINDS[rng.choice(EXTRA_KINDS[group])][0](grounded, rng, target)
+            if sample is not None:
+                samples.append(sample)
+                wanted -= 1
     return samples
 
 
@@ -858,7 +873,11 @@ def convert(args) -> None:
         else:
             ids = open(args.ids).read().split()
             grounded = read_flickr30k_entities(args.root, ids, args.image_dir)
-        samples = (stage3_samples if args.stage == "3" else stage2_samples)(grounded, args.seed)
+        if args.stage == "3":
+            samples = stage3_samples(grounded, args.seed)
+        else:
+            extra = {group: getattr(args, f"{group}_share") for group in EXTRA_SHARES}
+            samples = stage2_samples(grounded, args.seed, args.reg_share, extra)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         for k, sample in enumerate(samples):
@@ -886,6 +905,12 @@ def main(argv: list[str]):
         if source != "llava-pretrain":
             p.add_argument("--stage", choices=["2", "3"], default="2",
                            help="2: the stage-2 sample kinds; 3: grounding conversations and descriptions")
+            p.add_argument("--reg-share", type=float, default=REG_SHARE,
+                           help="stage 2: share of expressions that also give a REG sample (each gives a REC)")
+            for group, share in EXTRA_SHARES.items():
+                p.add_argument(f"--{group.replace('_', '-')}-share", type=float, default=share,
+                               help=f"stage 2: {group.replace('_', '-')} samples per text-coordinate sample "
+                                    "(Table 7's proportion)")
         p.add_argument("--seed", type=int, default=0, help="seed of the sampled instructions and kinds")
     args = parser.parse_args(argv)
     if args.command == "convert":

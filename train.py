@@ -213,6 +213,8 @@ def resolve_phase(cfg: TrainConfig, name: str) -> PhaseSettings:
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPUs; alone: no process group."""
     cuda = torch.cuda.is_available()
+    if cuda:  # TF32 for the fp32 matmuls and convolutions that remain (the paper trains with BF16 and TF32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     dist.init_process_group("nccl" if cuda else "gloo")

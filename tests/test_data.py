@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+from collections import Counter
 
 import pytest
 import tokenizers
@@ -328,14 +329,20 @@ def test_refcoco_expressions_of_one_object_share_it(tmp_path):
     assert [o["names"] for o in grounded[0]["objects"]] == [["left man", "man in red"], ["dog"]]
     description = data.grounding_description_sample(grounded[0], random.Random(0))["conversations"][1]["value"]
     assert description.count("[0.000,0.000,0.400,0.900]") == 1
-    for seed in range(20):
-        samples = data.stage2_samples(grounded * 5, seed)
-        assert len(samples) == 15
-        texts = [json.dumps(s["conversations"]) for s in samples]
-        for k in range(0, 15, 3):  # image after image: the man's two samples, then the dog's
-            first, second = texts[k], texts[k + 1]
-            assert "man in red" not in first and "left man" not in second  # each about its own expression
-            assert "left man" in first or "man in red" in second  # at most one shows no expression
+    # stage 2 as Table 7: every expression a REC sample; REG for half of them; the object-image kinds on top
+    # (image-coordinate 210K and text-image 46K per 4.1M text-coordinate pairs)
+    samples = data.stage2_samples(grounded * 100, seed=0)  # 300 expressions
+    questions = [s["conversations"][0]["value"] for s in samples]
+    rec = Counter(q.removeprefix("<image>\n" + data.REC_PROMPT.format("")) for q in questions
+                  if q.startswith("<image>\n" + data.REC_PROMPT.format("")) and "<object>" not in q)
+    assert rec == {"left man": 100, "man in red": 100, "dog": 100}  # before: ~28% of them never shown as text
+    text_coordinate = sum("<object>" not in q for q in questions)  # REC and REG show no object image
+    assert 420 < text_coordinate < 480  # REG_SHARE = 0.5: a REG for about half the expressions
+    extra = samples[text_coordinate:]
+    assert len(extra) == round(text_coordinate * 210 / 4100) + round(text_coordinate * 46 / 4100)
+    assert all("<object>" in s["conversations"][0]["value"] for s in extra)
+    none = data.stage2_samples(grounded, seed=0, reg_share=0.0, extra_shares={})
+    assert len(none) == 3
 
 
 def test_visual_genome_regions(tmp_path):
@@ -408,8 +415,9 @@ def test_stage2_and_stage3_builders():
     description = data.grounding_description_sample(grounded, random.Random(0))["conversations"][1]["value"]
     assert description == ("The image shows the cat [0.000,0.000,0.200,0.200], the dog "
                            "[0.600,0.100,0.900,0.300] and the cup [0.050,0.050,0.200,0.200].")
-    stage2 = data.stage2_samples([grounded] * 10, seed=1)
-    assert len(stage2) == 30 and len(data.stage3_samples([grounded] * 10)) == 20
+    stage2 = data.stage2_samples([grounded] * 10, seed=1, extra_shares={"image_coordinate": 0.2, "text_image": 0.2})
+    assert len([s for s in stage2 if "<object>" not in str(s)]) >= 30  # a REC per object, some REGs
+    assert len(data.stage3_samples([grounded] * 10)) == 20
     for sample in stage2:
         data.validate_sample(sample, "stage2_samples", check_file=False)
     assert len({sample["conversations"][0]["value"][:20] for sample in stage2}) > 5  # the kinds are mixed
