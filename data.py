@@ -690,6 +690,30 @@ def stage2_samples(grounded_images: list[dict], seed: int = 0, reg_share: float 
     return samples
 
 
+PACK_TURNS = 8  # questions per packed conversation: RefCOCO has ~9 expressions per image, each answer ~20 tokens
+
+
+def pack_by_image(samples: list[dict], turns: int = PACK_TURNS) -> list[dict]:
+    """An image's one-question samples as conversations of up to `turns` rounds (LLaVA-1.5 packs RefCOCO so):
+    the image's 576 tokens once for several ~20-token answers. `<image>` stays in the first question only, the
+    object boxes are concatenated in the order of their `<object>` markers, and every answer is labelled as
+    before; later answers also see the earlier rounds. Images keep the order of their first sample."""
+    by_image = {}
+    for sample in samples:
+        by_image.setdefault(sample["image"], []).append(sample)
+    packed = []
+    for image, group in by_image.items():
+        for start in range(0, len(group), max(1, turns)):
+            conversations, objects = [], []
+            for k, sample in enumerate(group[start : start + max(1, turns)]):
+                question, answer = sample["conversations"]
+                text = question["value"] if k == 0 else question["value"].removeprefix("<image>\n")
+                conversations += [{"from": "human", "value": text}, answer]
+                objects += sample.get("objects", [])
+            packed.append({"image": image, "conversations": conversations, **({"objects": objects} if objects else {})})
+    return packed
+
+
 def stage3_samples(grounded_images: list[dict], seed: int = 0) -> list[dict]:
     """A grounding conversation and a grounding description for every grounded image with objects."""
     rng, samples = random.Random(seed), []
@@ -877,7 +901,7 @@ def convert(args) -> None:
             samples = stage3_samples(grounded, args.seed)
         else:
             extra = {group: getattr(args, f"{group}_share") for group in EXTRA_SHARES}
-            samples = stage2_samples(grounded, args.seed, args.reg_share, extra)
+            samples = pack_by_image(stage2_samples(grounded, args.seed, args.reg_share, extra), args.turns)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         for k, sample in enumerate(samples):
@@ -905,6 +929,8 @@ def main(argv: list[str]):
         if source != "llava-pretrain":
             p.add_argument("--stage", choices=["2", "3"], default="2",
                            help="2: the stage-2 sample kinds; 3: grounding conversations and descriptions")
+            p.add_argument("--turns", type=int, default=PACK_TURNS,
+                           help="stage 2: an image's questions per conversation (1: one sample per question)")
             p.add_argument("--reg-share", type=float, default=REG_SHARE,
                            help="stage 2: share of expressions that also give a REG sample (each gives a REC)")
             for group, share in EXTRA_SHARES.items():

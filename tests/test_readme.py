@@ -142,9 +142,11 @@ def test_readme_real_model_section_runs_as_written(hub, tmp_path):
     assert sorted(os.listdir(tmp_path / "weights")) == ["clip-l-336", "dinov2-l", "qwen2.5-3b"]
     stage1 = [json.loads(line) for line in open(tmp_path / "stage1.jsonl")]
     assert len(stage1) == 16 and all(os.path.isfile(tmp_path / "images" / s["image"]) for s in stage1)
-    stage2 = [json.loads(line)["conversations"][0]["value"] for line in open(tmp_path / "stage2.jsonl")]
-    rec = [q for q in stage2 if q.startswith("<image>\nOutput the coordinate of ") and "<object>" not in q]
-    assert len(rec) == 32  # 8 train images x 2 objects x 2 expressions: each one a REC sample (Table 7)
+    stage2 = [json.loads(line)["conversations"] for line in open(tmp_path / "stage2.jsonl")]
+    questions = [turn["value"].removeprefix("<image>\n") for turns in stage2 for turn in turns[::2]]
+    rec = [q for q in questions if q.startswith("Output the coordinate of ") and "<object>" not in q]
+    assert len(rec) == 32  # 8 train images x 2 objects x 2 expressions: each one a REC question (Table 7)
+    assert len(stage2) == 8  # an image's questions packed into one conversation (up to 8 turns)
     for phase in ("stage1-pretrain", "stage1", "stage2", "stage3"):
         assert os.path.isfile(tmp_path / "runs" / "tgg" / phase / "model.safetensors"), phase
     log = "".join(outputs[4:7])
