@@ -190,40 +190,9 @@ def test_cuda_bf16_follows_cpu_fp32(init_dir, tmp_path, torchrun):
     assert gpu == pytest.approx(cpu, rel=2e-2)
 
 
-def test_killed_run_resumes_to_exactly_the_same_result(init_dir, tmp_path):
-    args = [
-        *COMMON,
-        "--stage=2",
-        f"--init={init_dir}",
-        "--shapes_samples=64,64,64,64",
-        "--batch_size=8",
-        "--max_steps=6",
-        "--ckpt_every=2",
-        "--lr=1e-3",
-    ]
-    run([*args, f"--out_dir={tmp_path / 'straight'}"])
-
-    resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(
-        command([*args, f"--out_dir={resumed}"]), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    pointer = resumed / "stage2-ckpt" / "latest"
-    deadline = time.time() + 240
-    while not pointer.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (resumed / "stage2" / "model.safetensors").exists(), "the run ended before it could be killed"
-    out = run([*args, f"--out_dir={resumed}"])
-    assert "resuming at step" in out
-    assert losses(resumed, "stage2") == losses(tmp_path / "straight", "stage2")
-    a, b = weights(tmp_path / "straight", "stage2"), weights(resumed, "stage2")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_death_right_after_a_checkpoint_keeps_the_loss_history(init_dir, tmp_path, monkeypatch):
-    # The deterministic twin of the kill above: die just after a checkpoint is complete (its `latest` pointer
-    # switched), before anything else is written. The resumed run must still have every step's metrics.
+    # The deterministic twin of a kill (the real-structure tier kills torchrun's ranks with SIGKILL): die just
+    # after a checkpoint is complete, before anything else is written. The resumed run has every step's metrics.
     args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=32,32,32,32", "--batch_size=8"]
     args += ["--max_steps=4", "--ckpt_every=2", f"--out_dir={tmp_path}"]
     save = train.save_checkpoint
