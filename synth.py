@@ -146,6 +146,8 @@ class SynthConfig:
     max_objects: int = _opt(10, "objects per image, recognized and kept")
     max_instances: int = _opt(3, "detections kept per object name")
     box_threshold: float = _opt(0.3, "step 2: detections scoring less are dropped")
+    boxes: str = _opt("", "step 2: a .jsonl of {image, objects: [{label, box: [x1,y1,x2,y2] pixels]}}: a dataset's "
+                          "boxes merged into the grounded objects, as the paper merges RefCOCO's (score 1)")
     max_qas: int = _opt(4, "relation and choice QAs asked for per image")
     # step 5, a sample is dropped for the first reason that applies:
     min_score: float = _opt(0.4, "low_confidence: an object involved scored less")
@@ -435,6 +437,21 @@ def parse_json_answer(text: str):
     return value
 
 
+def read_dataset_boxes(path: str) -> dict[str, list[tuple[str, list[float]]]]:
+    """--boxes: image key -> [(label, pixel box)]; a bad line stops the run at once, naming it."""
+    boxes = {}
+    for where, record in data._records(path):
+        try:
+            objects = [(o["label"].strip(), [float(v) for v in o["box"]]) for o in record["objects"]]
+            if not all(label and len(box) == 4 and all(math.isfinite(v) for v in box) and box[0] < box[2]
+                       and box[1] < box[3] for label, box in objects) or not isinstance(record["image"], str):
+                raise ValueError("want non-empty labels and boxes [x1,y1,x2,y2] with x1 < x2, y1 < y2")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SystemExit(f"error: {where}: not a boxes record {{image, objects: [{{label, box}}]}} ({e})") from None
+        boxes.setdefault(record["image"], []).extend(objects)
+    return boxes
+
+
 def select_objects(detections: list[Detection], width: int, height: int, cfg: SynthConfig) -> dict:
     """Step 2's object dictionary S1, {id: Obj}: confident, not degenerate, best first; per name at most
     max_instances that do not duplicate each other (IoU > 0.7); at most max_objects."""
@@ -562,6 +579,7 @@ class Pipeline:
                                                    "grounder"))
         else:
             self.grounder = DetectGrounder(http, cfg.grounder, cfg.box_threshold, grounder_key)
+        self.dataset_boxes = read_dataset_boxes(cfg.boxes) if cfg.boxes else {}
 
     def ask(self, step: str, data_url: str, events: Counter, key: str, **fmt) -> dict:
         """The VLM's JSON object for PROMPTS[step], or {} (logged and counted as malformed/<step>)."""
@@ -580,7 +598,8 @@ class Pipeline:
     def process(self, key: str, path: str) -> tuple[list[dict], Counter]:
         """(samples, counts) for one image; raises RequestFailed, or OSError for an unreadable image."""
         cfg, events = self.cfg, Counter()
-        img = Image.open(path).convert("RGB")  # no EXIF rotation: boxes must match how data.py opens it
+        img = data.load_image(path)  # no EXIF rotation: boxes must match how data.py opens it
+        original_width = img.width
         img.thumbnail((cfg.max_side, cfg.max_side))  # only shrinks; normalized boxes hold for the original
         width, height = img.size
         data_url = image_data_url(img)
@@ -594,6 +613,9 @@ class Pipeline:
             events["malformed/ground"] += 1
             log.warning("%s: unusable grounder answer (%s)", key, e)
             detections = []
+        scale = width / original_width  # the dataset's boxes are in the original's pixels
+        detections += [Detection(label, [v * scale for v in box], 1.0)
+                       for label, box in self.dataset_boxes.get(key, [])]
         objects = select_objects(detections, width, height, cfg)
         if not objects:
             events["images_without_objects"] += 1

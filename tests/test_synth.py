@@ -266,6 +266,24 @@ def test_timeout_bounds_the_whole_request_not_each_read(server, tmp_path):
     assert counts["failed/vlm:timeout"] == 1 and time.time() - start < 6  # before: ~40 s under --timeout 1
 
 
+def test_dataset_boxes_are_merged_into_the_grounded_objects(server, tmp_path):
+    """Step 2's S1 merge: a dataset's box for an image (RefCOCO's, say; original pixels) joins the grounder's
+    detections there, so samples are built on it too; other images are untouched; a bad line stops at once."""
+    images = make_images(tmp_path / "images", 2, size=(640, 480))  # sent downscaled to 320 x 240
+    boxes = tmp_path / "boxes.jsonl"
+    wall = {"label": "gray wall", "box": [0, 400, 640, 480]}
+    boxes.write_text(json.dumps({"image": "img000.png", "objects": [wall]}))
+    srv = server()
+    synth.synthesize(config(srv, tmp_path, images, boxes=str(boxes), max_side=320))
+    samples = load_samples(str(tmp_path / "out.jsonl"), image_root=str(images))
+    wall = format_box(pixels_to_box([0, 400, 640, 480], 640, 480))
+    with_wall = [s for s in samples if wall in json.dumps(s)]
+    assert with_wall and {s["image"] for s in with_wall} == {"img000.png"}
+    boxes.write_text('{"image": "img000.png", "objects": [{"label": "x", "box": [5, 5, 1, 1]}]}')
+    with pytest.raises(SystemExit, match="boxes.jsonl:1: not a boxes record"):
+        synth.synthesize(config(srv, tmp_path, images, out="other.jsonl", boxes=str(boxes)))
+
+
 def test_4xx_is_not_retried(server, tmp_path):
     srv = server(faults=["400"])
     counts = synth.synthesize(config(srv, tmp_path, make_images(tmp_path / "images", 1)))
