@@ -862,6 +862,16 @@ def collate(items: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- commands
 
 
+def atomic_write(path: str, text) -> None:
+    """Write `text` (a str, or an iterable of str written in turn) to `path` so that a reader sees the old
+    file or the whole new one, never a part: a temporary file, flushed to disk, then renamed."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines([text] if isinstance(text, str) else text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 # source -> (what it reads, its own options: (flag, help, default or None when required))
 CONVERTERS = {
     "llava-pretrain": ("LLaVA-Pretrain captions (stage 1)",
@@ -904,13 +914,10 @@ def convert(args) -> None:
         else:
             extra = {group: getattr(args, f"{group}_share") for group in EXTRA_SHARES}
             samples = pack_by_image(stage2_samples(grounded, args.seed, args.reg_share, extra), args.turns)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        for k, sample in enumerate(samples):
-            internal = ("where", "image_root")
-            sample = {"id": f"{args.source}-{k}", **{key: v for key, v in sample.items() if key not in internal}}
-            f.write(json.dumps(sample) + "\n")
-    os.replace(tmp, args.out)
+    internal = ("where", "image_root")
+    atomic_write(args.out, (json.dumps({"id": f"{args.source}-{k}", **{key: v for key, v in sample.items()
+                                                                       if key not in internal}}) + "\n"
+                            for k, sample in enumerate(samples)))
     print(f"wrote {len(samples)} samples to {args.out}")
 
 

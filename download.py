@@ -130,12 +130,9 @@ def download_file(session: requests.Session, repo: str, filename: str, out_dir: 
     return dest
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def download_weights(session: requests.Session, repo: str, out_dir: Path) -> list[Path]:

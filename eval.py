@@ -276,9 +276,7 @@ def main(argv=None):
             print(f"{len(unreadable)} questions had an unreadable image, scored as wrong (the first: "
                   f"{unreadable[0]['error']})")
         if args.out:
-            with open(args.out + ".tmp", "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in all_rows)
-            os.replace(args.out + ".tmp", args.out)
+            data.atomic_write(args.out, (json.dumps(row) + "\n" for row in all_rows))
             print(f"wrote {len(all_rows)} predictions to {args.out}")
     if dist.is_initialized():
         dist.destroy_process_group()

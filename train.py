@@ -16,7 +16,6 @@ autocast when not sharded); gradients reduced in fp32; norms, softmax and the lo
 
 import argparse
 import dataclasses
-import hashlib
 import inspect
 import json
 import math
@@ -439,17 +438,12 @@ def checkpoint_reader(path: str):
     return Reader(path)
 
 
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def verified(path: str) -> bool:
     """Whether checkpoint `path` is complete and intact: its manifest lists every file with its sha256."""
     try:
         with open(os.path.join(path, "manifest.json")) as f:
             manifest = json.load(f)
-        return all(file_sha256(os.path.join(path, name)) == digest for name, digest in manifest.items())
+        return all(download.file_sha256(os.path.join(path, name)) == digest for name, digest in manifest.items())
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -487,29 +481,20 @@ def save_checkpoint(model, optimizer, ckpt_dir: str, step: int, rank: int) -> No
     )
     barrier()
     mine = [n for n in os.listdir(path) if re.fullmatch(rf"(__{rank}_\d+\.distcp|rng-{rank}\.pt)", n)]
-    digests = {n: file_sha256(os.path.join(path, n)) for n in mine + ([".metadata"] if rank == 0 else [])}
+    digests = {n: download.file_sha256(os.path.join(path, n)) for n in mine + ([".metadata"] if rank == 0 else [])}
     if dist.is_initialized():
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, digests)
         digests = {k: v for part in parts for k, v in part.items()}
     if rank == 0:  # only now is the new checkpoint complete: its manifest, then the pointer, then the cleanup
         missed = set(os.listdir(path)) - set(digests)
-        digests.update({n: file_sha256(os.path.join(path, n)) for n in missed})
-        atomic_write(os.path.join(path, "manifest.json"), json.dumps(digests, indent=1))
-        atomic_write(os.path.join(ckpt_dir, "latest"), os.path.basename(path))
+        digests.update({n: download.file_sha256(os.path.join(path, n)) for n in missed})
+        data.atomic_write(os.path.join(path, "manifest.json"), json.dumps(digests, indent=1))
+        data.atomic_write(os.path.join(ckpt_dir, "latest"), os.path.basename(path))
         steps = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"step-\d{7}", n))
         for old in steps[:-2]:  # keep this one and the one before it
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     barrier()
-
-
-def atomic_write(path: str, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the whole new one, never a part."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(model, optimizer, path: str, rank: int) -> None:
@@ -884,7 +869,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
             sys.stdout.flush()  # one line per step also when stdout is a file
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
             if rank == 0:  # the metrics first: a checkpoint that exists has its history (resume drops the excess)
-                atomic_write(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+                data.atomic_write(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
             save_checkpoint(model, optimizer, ckpt_dir, step + 1, rank)
     bar.close()
     export(model, out, tokenizer_path, rank)

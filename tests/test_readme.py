@@ -157,7 +157,6 @@ def test_readme_real_model_section_runs_as_written(hub, tmp_path):
     assert re.search(r"^val +8 ", outputs[7], re.M), outputs[7]
     rows = [json.loads(line) for line in open(tmp_path / "refcoco_val.jsonl")]
     assert [r["index"] for r in rows] == list(range(8)) and len({r["id"] for r in rows}) == 8
-    assert [r["expression"] for r in rows[:2]] == [rows[0]["expression"], rows[1]["expression"]]
     assert rows[0]["expression"].endswith(" box") and rows[1]["expression"].startswith("the ")
     assert "model: runs/tgg/stage3" in outputs[8]
 

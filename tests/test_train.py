@@ -18,6 +18,7 @@ from conftest import save_tiny_checkpoint
 from safetensors.torch import load_file
 
 import data
+import download
 import shapes
 import train
 
@@ -274,7 +275,7 @@ def test_a_planted_pickle_in_checkpoint_metadata_does_not_run(init_dir, tmp_path
         else:
             torch.save({"torch": Payload()}, step / name)
         manifest = json.loads((step / "manifest.json").read_text())
-        (step / "manifest.json").write_text(json.dumps({**manifest, name: train.file_sha256(str(step / name))}))
+        (step / "manifest.json").write_text(json.dumps({**manifest, name: download.file_sha256(str(step / name))}))
         with pytest.raises(BaseException) as refused:  # DCP wraps the UnpicklingError in a CheckpointException
             train.main(args)  # the resume finds the (re-hashed) checkpoint and refuses what it holds
         assert refusal in str(refused.value), str(refused.value)[-2000:]
