@@ -375,7 +375,7 @@ def bench_train(argv: list[str]):
         torch.manual_seed(0)
         with torch.device(device):
             model = TinyGroundingGPT(config)
-        train.set_trainable(model, "llm+projector", False)
+        train.set_trainable(model, "llm+projector")
         model.llm.activation_checkpointing = bool(opts["ac"])
         if opts["compile"]:
             for block in model.llm.layers:  # before sharding, as in train.py

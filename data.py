@@ -154,17 +154,8 @@ def encode_with_markers(tok: Tokenizer, text: str, num_image_tokens: int, num_ob
     return ids
 
 
-def place_image(text: str, image_after_question: bool) -> str:
-    """A human turn as the model reads it: samples put the image first ("<image>\\n{question}", LLaVA's
-    order); a model whose config says image_after_question reads "{question}\\n<image>" instead."""
-    if image_after_question and text.startswith("<image>\n"):
-        return text.removeprefix("<image>\n") + "\n<image>"
-    return text
-
-
 def encode_conversation(tok: Tokenizer, conversations: list[dict], num_image_tokens: int,
-                        num_object_tokens: int, system: str | None = None, image_after_question: bool = False
-                        ) -> tuple[list[int], list[int]]:
+                        num_object_tokens: int, system: str | None = None) -> tuple[list[int], list[int]]:
     """ChatML ids and labels. Labels are IGNORE except on each assistant answer and its <|im_end|>:
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{human}<|im_end|>\\n<|im_start|>assistant\\n
     {gpt}<|im_end|>\\n ... Markers are expanded in human turns (validate_sample keeps them out of answers)."""
@@ -174,8 +165,7 @@ def encode_conversation(tok: Tokenizer, conversations: list[dict], num_image_tok
     for turn in conversations:
         role = ROLES[turn["from"]]
         if role == "user":
-            text = "user\n" + place_image(turn["value"], image_after_question)
-            turn_ids = encode_with_markers(tok, text, num_image_tokens, num_object_tokens)
+            turn_ids = encode_with_markers(tok, "user\n" + turn["value"], num_image_tokens, num_object_tokens)
             turn_labels = [IGNORE] * len(turn_ids)
         else:
             # Encoded as one string like the full template would be; the answer's tokens are those ending
@@ -193,10 +183,10 @@ def encode_conversation(tok: Tokenizer, conversations: list[dict], num_image_tok
 
 
 def encode_prompt(tok: Tokenizer, user_text: str, num_image_tokens: int, num_object_tokens: int,
-                  system: str | None = None, image_after_question: bool = False) -> list[int]:
+                  system: str | None = None) -> list[int]:
     """A one-turn prompt ending with `<|im_start|>assistant\\n`, ready for generation."""
     ids, _ = encode_conversation(tok, [{"from": "human", "value": user_text}], num_image_tokens,
-                                 num_object_tokens, system, image_after_question)
+                                 num_object_tokens, system)
     return ids + [tok.im_start_id] + tok.encode("assistant\n")
 
 
@@ -242,11 +232,18 @@ def _counter(skip_bad) -> SkipCounter | None:
     return SKIPPED if skip_bad is True else (skip_bad or None)
 
 
+def is_box(box) -> bool:
+    """[x1, y1, x2, y2] with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 (normalized on the padded square): the
+    one test of a box from outside, for samples, the command line and the server."""
+    return (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in box)
+            and box[0] < box[2] and box[1] < box[3])
+
+
 def check_box(box, where: str):
-    ok = isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-    if not ok:
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
         raise SampleError(where, "bad box", f"{box!r} is not [x1,y1,x2,y2]")
-    if not all(0.0 <= v <= 1.0 for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+    if not is_box(box):
         raise SampleError(where, "bad box", f"{box!r} must lie in [0,1] with x1<x2 and y1<y2 (normalized on "
                                             "the padded square; convert pixel boxes with data.pixels_to_box)")
 
@@ -513,11 +510,11 @@ def _sample(grounded: dict, human: str, answer: str, objects=()) -> dict:
     return sample
 
 
-def _capitalized(text: str) -> str:
+def capitalized(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _a(phrase: str) -> str:
+def with_article(phrase: str) -> str:
     return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
 
 
@@ -632,7 +629,7 @@ def grounding_conversation_sample(grounded, rng, rounds=3):
     conversations = []
     for k, obj in enumerate(objects):
         q, a = rng.choice(CONVERSATION_QUESTIONS)
-        fields = {"name": obj["name"], "Name": _capitalized(obj["name"]), "box": format_box(obj["box"])}
+        fields = {"name": obj["name"], "Name": capitalized(obj["name"]), "box": format_box(obj["box"])}
         conversations += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q.format(**fields)},
                           {"from": "gpt", "value": a.format(**fields)}]
     return {"image": grounded["image"], "conversations": conversations}
@@ -641,7 +638,7 @@ def grounding_conversation_sample(grounded, rng, rounds=3):
 DESCRIPTION_PROMPT = "Describe the image in detail, giving the coordinates of each object you mention."
 
 
-def _listing(phrases: list[str]) -> str:
+def spoken_list(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
@@ -651,7 +648,7 @@ def grounding_description_sample(grounded, rng):
     if grounded.get("descriptions"):
         answer = " ".join(grounded["descriptions"])
     else:
-        answer = "The image shows " + _listing([f"{o['name']} {format_box(o['box'])}"
+        answer = "The image shows " + spoken_list([f"{o['name']} {format_box(o['box'])}"
                                                 for o in grounded["objects"]]) + "."
     return _sample(grounded, DESCRIPTION_PROMPT, answer)
 
@@ -763,9 +760,8 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples, tokenizer: Tokenizer, processor: ImageProcessor, num_image_tokens: int,
                  num_object_tokens: int, max_len: int = 2048, skip_bad=False, system: str | None = None,
-                 image_root: str = "", image_after_question: bool = False):
+                 image_root: str = ""):
         self.samples, self.tok, self.processor = samples, tokenizer, processor
-        self.image_after_question = image_after_question
         self.num_image_tokens, self.num_object_tokens = num_image_tokens, num_object_tokens
         self.max_len = max_len
         self.skipped, self.system, self.image_root = _counter(skip_bad), system, image_root
@@ -788,8 +784,7 @@ class SFTDataset(torch.utils.data.Dataset):
                 turns = get(i)
                 lengths.append(system + per_turn * len(turns))
                 for turn in turns:
-                    text = place_image(turn["value"], self.image_after_question and turn["from"] == "human")
-                    for part in MARKER_RE.split(f"{ROLES[turn['from']]}\n{text}"):
+                    for part in MARKER_RE.split(f"{ROLES[turn['from']]}\n{turn['value']}"):
                         if part in marker_cost:
                             lengths[i] += marker_cost[part]
                         elif part:
@@ -816,7 +811,7 @@ class SFTDataset(torch.utils.data.Dataset):
         where = sample.get("where", f"sample {i}")
         validate_sample(sample, where, self.image_root, check_file=False)
         ids, labels = encode_conversation(self.tok, sample["conversations"], self.num_image_tokens,
-                                          self.num_object_tokens, self.system, self.image_after_question)
+                                          self.num_object_tokens, self.system)
         if len(ids) > self.max_len:
             cut = ids[self.max_len:]
             if any(t in (self.tok.image_pad_id, self.tok.object_pad_id) for t in cut) or all(

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from model import TinyGroundingGPT, setup_distributed
 
 # ----------------------------------------------------------------------------- scoring (pure functions)
 
@@ -62,20 +63,15 @@ class Questions(torch.utils.data.Dataset):
 
     def __init__(self, records: list[dict], questions: list[str], tok, model):
         self.records, self.questions, self.tok = records, questions, tok
-        self.processor, self.n_image, self.n_object, self.image_after_question = (
-            model.encoder.processor,
-            model.num_image_tokens,
-            model.config.object_tokens,
-            model.config.image_after_question,
-        )
+        self.processor, self.n_image, self.n_object = (model.encoder.processor, model.num_image_tokens,
+                                                       model.config.object_tokens)
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i):
         """(i, prompt ids, pixels or None, why the image could not be read or None)."""
-        ids = data.encode_prompt(self.tok, "<image>\n" + self.questions[i], self.n_image, self.n_object,
-                                 image_after_question=self.image_after_question)
+        ids = data.encode_prompt(self.tok, "<image>\n" + self.questions[i], self.n_image, self.n_object)
         try:
             return i, ids, self.processor(data.load_image(self.records[i]["image"])), None
         except (OSError, ValueError) as e:  # unreadable, truncated or oversized: this question only
@@ -242,16 +238,14 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
 
-    rank, world = 0, 1
-    if "RANK" in os.environ:  # under torchrun: each process answers a slice, rank 0 gathers and reports
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    from sample import load  # one loader (with its clear errors) for every command
-
+    rank, world, device = setup_distributed()  # under torchrun: each process answers a slice, rank 0 reports
     # the data first: a wrong path fails in a second, not after loading a large model
     splits = {name: recs[: args.limit] if args.limit else recs for name, recs in splits_of(args).items()}
-    model, tok = load(args.ckpt, device)
+    try:
+        model = TinyGroundingGPT.from_pretrained(args.ckpt, device=device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    tok = data.Tokenizer.from_file(os.path.join(args.ckpt, "tokenizer.json"))
     evaluate = evaluate_rec if args.task == "rec" else evaluate_pope
     results, all_rows = {}, []
     for name, records in splits.items():

@@ -441,10 +441,6 @@ class TinyGroundingGPTConfig:
     # Object crops are pooled to this many tokens (a square: an adaptive average over the patch grid).
     # 16 = 4x4 at full size, each token averaging 6x6 of the 24x24 patches: an object costs 16 tokens.
     object_tokens: int = 16
-    train_towers: bool = False  # False: towers frozen (eval mode, no grad)
-    # Where the image's tokens stand in the first question: before it (False; LLaVA's and the paper's order)
-    # or after it. data.place_image applies it when text is encoded, so samples and prompts stay LLaVA's.
-    image_after_question: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -477,7 +473,7 @@ class TinyGroundingGPT(nn.Module):
         self.encoder = encoder if encoder is not None else MultiScaleEncoder(config.vision)
         self.projector = Projector(self.encoder.hidden_size, config.llm.hidden_size)
         self.llm = llm if llm is not None else Qwen2(config.llm)
-        self.encoder.requires_grad_(config.train_towers)
+        self.encoder.requires_grad_(False)  # the towers are frozen, as in the paper (eval mode, no grad)
         patches, side = self.encoder.num_patches, math.isqrt(config.object_tokens)
         if side * side != config.object_tokens or not 0 < config.object_tokens <= patches \
                 or math.isqrt(patches) ** 2 != patches:
@@ -491,8 +487,7 @@ class TinyGroundingGPT(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if not self.config.train_towers:
-            self.encoder.eval()
+        self.encoder.eval()
         return self
 
     def encode(self, images=None, objects=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -506,7 +501,7 @@ class TinyGroundingGPT(nn.Module):
             side = self.encoder.configs[0].image_size
             parts = [torch.zeros(1, len(self.encoder.configs), 3, side, side)]
         pixels = torch.cat(parts).to(weight.device, weight.dtype)
-        with torch.set_grad_enabled(self.config.train_towers and torch.is_grad_enabled()):
+        with torch.no_grad():
             features = self.encoder(pixels)  # [NI + NO, P, sum(hidden)]
         n_images = 0 if images is None else len(images)
         image_features, object_features = features[:n_images], features[n_images:]
@@ -551,12 +546,13 @@ class TinyGroundingGPT(nn.Module):
             attention_mask = None
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, return_last_attn=return_last_attn,
                        hidden_only=labels is not None)
-        logits, attn = out if return_last_attn else (out, None)  # with labels: hidden states [B, L, C]
-        loss = None
-        if labels is not None:
+        out, attn = out if return_last_attn else (out, None)
+        if labels is None:
+            logits, loss = out, None  # [B, L, V]
+        else:
             targets = labels[:, 1:]
             keep = targets != -100  # [B, L-1]
-            logits = self.llm.head(logits[:, :-1][keep])  # [N, C] -> logits [N, V]
+            logits = self.llm.head(out[:, :-1][keep])  # hidden states [B, L, C] -> [N, C] -> logits [N, V]
             loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
         return (logits, loss, attn) if return_last_attn else (logits, loss)
 
@@ -612,12 +608,16 @@ class TinyGroundingGPT(nn.Module):
         shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def from_pretrained(cls, directory: str, dtype=torch.float32, device="cpu") -> "TinyGroundingGPT":
+    def from_pretrained(cls, directory: str, dtype=None, device="cpu") -> "TinyGroundingGPT":
+        """The one loader of an export (train.py's, or save_pretrained's): config.json + model.safetensors,
+        with tokenizer.json beside them (read by data.Tokenizer). dtype: default bf16 on a GPU, else fp32."""
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise FileNotFoundError(f"{directory} has no {name}. Point --ckpt at a directory exported by "
+                                        "train.py (config.json, model.safetensors, tokenizer.json).")
+        if dtype is None:
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         config_file = os.path.join(directory, "config.json")
-        for file in (config_file, os.path.join(directory, "model.safetensors")):
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"{file} not found: a TinyGroundingGPT directory holds config.json "
-                                        "and model.safetensors written by save_pretrained (train.py exports)")
         try:
             with open(config_file) as f:
                 config = TinyGroundingGPTConfig.from_dict(json.load(f), config_file)
@@ -655,3 +655,29 @@ class TinyGroundingGPT(nn.Module):
         model = cls(TinyGroundingGPTConfig(**{**fields, **overrides}), encoder=encoder, llm=llm)
         model.projector.to(device=device, dtype=dtype)
         return model.eval()
+
+
+def image_attention(attn: torch.Tensor, ids: torch.Tensor, queries, image_token_id: int) -> torch.Tensor:
+    """How much each query position looks at the image: one sequence's last-layer attention [heads, L, L]
+    (forward(..., return_last_attn=True)), its ids [L] -> [len(queries), P] over the P image-patch positions,
+    the mean over heads. The attention loss, the attention map and the probes all read it this way."""
+    patches = (ids == image_token_id).nonzero().flatten()
+    return attn[:, queries][:, :, patches].float().mean(0)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPUs; alone: no process group."""
+    cuda = torch.cuda.is_available()
+    if cuda:  # TF32 for the fp32 matmuls and convolutions that remain (the paper trains with BF16 and TF32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device

@@ -29,24 +29,10 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 import data
 from encoders import crop_object
-from model import TinyGroundingGPT
+from model import TinyGroundingGPT, image_attention
 
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-model")
 BOX_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
-
-
-def load(ckpt: str, device: str = "cpu") -> tuple[TinyGroundingGPT, data.Tokenizer]:
-    """Model and tokenizer of an exported directory; a missing file is one clear error."""
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not os.path.isfile(os.path.join(ckpt, name)):
-            raise SystemExit(
-                f"error: {ckpt} has no {name}. Point --ckpt at a directory exported by train.py "
-                "(config.json, model.safetensors, tokenizer.json)."
-            )
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return TinyGroundingGPT.from_pretrained(ckpt, dtype=dtype, device=device), data.Tokenizer.from_file(
-        os.path.join(ckpt, "tokenizer.json")
-    )
 
 
 def open_image(path: str) -> Image.Image:
@@ -60,24 +46,13 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def is_object_box(box) -> bool:
-    """[x1, y1, x2, y2] with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 (normalized on the padded square)."""
-    return (
-        isinstance(box, (list, tuple))
-        and len(box) == 4
-        and all(is_number(v) and 0.0 <= v <= 1.0 for v in box)
-        and box[0] < box[2]
-        and box[1] < box[3]
-    )
-
-
 def parse_object_box(text: str) -> list[float]:
     """'x1,y1,x2,y2' normalized on the padded square -> box, checked."""
     try:
         box = [float(v) for v in text.strip("[]() ").split(",")]
     except ValueError:
         box = []
-    if not is_object_box(box):
+    if not data.is_box(box):
         raise SystemExit(
             f"error: --object {text!r} must be x1,y1,x2,y2 with 0 <= x1 < x2 <= 1 and "
             "0 <= y1 < y2 <= 1, normalized on the image padded to a square"
@@ -114,17 +89,15 @@ class Session:
         if "<image>" in text and self.image is None:
             raise ValueError("the question has <image> but no image was given")
         config = self.model.config
-        ids, _ = data.encode_conversation(
-            self.tok, turns, self.model.num_image_tokens, config.object_tokens, self.system,
-            config.image_after_question,
-        )
+        ids, _ = data.encode_conversation(self.tok, turns, self.model.num_image_tokens, config.object_tokens,
+                                          self.system)
         ids += [self.tok.im_start_id] + self.tok.encode("assistant\n")
         images = self.pixels if "<image>" in text else None
         return ids, images, self.object_pixels[:n_objects] if n_objects else None
 
     def _turns(self, question: str) -> list[dict]:
         if self.image is not None and not self.history and "<image>" not in question:
-            question = "<image>\n" + question  # as in every sample; encoding may move it (place_image)
+            question = "<image>\n" + question  # as in every sample
         return self.history + [{"from": "human", "value": question}]
 
     def ask(self, question: str, temperature: float = 0.0, max_new_tokens: int = 64, top_p: float = 1.0) -> str:
@@ -176,7 +149,7 @@ def attention_map(session: Session, source: str) -> torch.Tensor:
     """The last layer's attention of the last answer, from `source` tokens to the image patches -> [side, side].
 
     source: "coords" (the first box of the answer), "text" (the question's words) or "object" (the object
-    image's tokens). Summed over heads and over the source tokens, then normalized by its maximum (to [0, 1])."""
+    image's tokens). Averaged over heads, summed over the source tokens, normalized by its maximum (to [0, 1])."""
     model, tok, last = session.model, session.tok, session.last
     prompt_ids, answer_ids = last["prompt_ids"], last["answer_ids"]
     if last["images"] is None:
@@ -202,13 +175,10 @@ def attention_map(session: Session, source: str) -> torch.Tensor:
         queries = [i for i in words if tok.decode(prompt_ids[i : i + 1]).strip()]
         if not queries:
             raise ValueError("--attn text needs words in the question")
-        if max(queries) < prompt_ids.index(model.config.image_token_id):  # causal: words before the image
-            raise ValueError("--attn text: this model reads the question before the image (its config's "
-                             "image_after_question), so the words cannot attend to it; try --attn coords")
-    _, _, attn = model(torch.tensor([ids]), images=last["images"], objects=last["objects"], return_last_attn=True)
-    patches = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
-    weights = attn[0].float()[:, queries][:, :, patches].sum(dim=(0, 1))  # [num_patches]
-    side = math.isqrt(len(patches))
+    ids = torch.tensor(ids)
+    _, _, attn = model(ids[None], images=last["images"], objects=last["objects"], return_last_attn=True)
+    weights = image_attention(attn[0], ids, queries, model.config.image_token_id).sum(0)  # [num_patches]
+    side = math.isqrt(len(weights))
     return (weights / weights.max().clamp(min=1e-12)).reshape(side, side)
 
 
@@ -335,7 +305,7 @@ class ChatServer:
             raise RequestError(400, f"temperature must be a number >= 0, got {temperature!r}")
         if not (is_number(top_p) and 0 < top_p <= 1):
             raise RequestError(400, f"top_p must be a number with 0 < top_p <= 1, got {top_p!r}")
-        if not isinstance(objects, list) or not all(is_object_box(b) for b in objects):
+        if not isinstance(objects, list) or not all(data.is_box(b) for b in objects):
             raise RequestError(
                 400, "'objects' must be a list of [x1,y1,x2,y2] with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1"
             )
@@ -564,7 +534,11 @@ def main(argv: list[str] | None = None) -> None:
     # the user's input first: a typo fails at once, not after loading a large model
     image = None if args.serve else open_image(args.image)
     objects = [parse_object_box(b) for b in args.object]
-    model, tok = load(args.ckpt, args.device)
+    try:
+        model = TinyGroundingGPT.from_pretrained(args.ckpt, device=args.device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    tok = data.Tokenizer.from_file(os.path.join(args.ckpt, "tokenizer.json"))
     shipped = os.path.abspath(args.ckpt) == DEFAULT_CKPT
     print(f"model: {args.ckpt}" + (" (the shipped shapes model: it knows only the shapes world; --ckpt DIR answers "
                                    "with another)" if shipped else ""), file=sys.stderr, flush=True)

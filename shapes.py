@@ -4,11 +4,11 @@ splits in the real formats, the baselines, and its small tokenizer.
 
     python shapes.py splits --out data/shapes [--n 500]     # rec_{val,testA,testB}.jsonl, pope_*.jsonl
     python shapes.py baselines --split data/shapes/rec_testA.jsonl
-    python shapes.py pairs --split data/shapes/rec_testA.jsonl  # the colour-and-shape probe, then --score P
-    python shapes.py pairs --attention CKPT [--pairs data/shapes/pairs_testA.jsonl]  # does the question steer?
     python shapes.py tokenizer --out assets/shapes/tokenizer.json
 """
 
+import argparse
+import dataclasses
 import json
 import math
 import os
@@ -20,17 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 import tokenizers
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from data import (
     DEFAULT_SYSTEM,
-    REC_PROMPT,
     SPECIAL_TOKENS,
     STAGE2_KINDS,
-    _a,
-    _capitalized,
-    _listing,
+    Tokenizer,
+    capitalized,
     caption_sample,
     format_box,
     grounding_conversation_sample,
@@ -39,7 +38,11 @@ from data import (
     patches_in_box,
     pixels_to_box,
     rec_sample,
+    spoken_list,
+    with_article,
 )
+from encoders import VisionConfig
+from model import Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
 
 SHAPES_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes", "tokenizer.json")
 
@@ -291,11 +294,11 @@ def _reading_order(scene: Scene) -> list[ShapeObject]:
 
 def shapes_caption(scene: Scene, rng: random.Random) -> str:
     parts = [f"a {o.size} {o.color} {o.shape} {position_words(scene, o)}" for o in _reading_order(scene)]
-    n, background = len(parts), f"{_a(scene.background)} background"
+    n, background = len(parts), f"{with_article(scene.background)} background"
     if rng.random() < 0.5:
-        return f"{_capitalized(_listing(parts))}, on {background}."
+        return f"{capitalized(spoken_list(parts))}, on {background}."
     objects = f"{COUNTS[n]} object{'s' * (n != 1)}"
-    return f"There {'is' if n == 1 else 'are'} {objects} on {background}: {_listing(parts)}."
+    return f"There {'is' if n == 1 else 'are'} {objects} on {background}: {spoken_list(parts)}."
 
 
 def name_objects(scene: Scene, rng: random.Random, count: int) -> list[dict]:
@@ -314,14 +317,14 @@ def shapes_grounded(scene: Scene, image, named: list[dict]) -> dict:
     for options and relations, never asked about), and a description naming every object with its box."""
     named_boxes = [o["box"] for o in named]
     others = [{"name": None, "box": scene.box(o)} for o in scene.objects if scene.box(o) not in named_boxes]
-    description = _capitalized(_listing([f"a {o.size} {o.color} {o.shape} {format_box(scene.box(o))} "
+    description = capitalized(spoken_list([f"a {o.size} {o.color} {o.shape} {format_box(scene.box(o))} "
                                          f"{position_words(scene, o)}" for o in _reading_order(scene)]))
     return {"image": image, "width": scene.width, "height": scene.height, "objects": named + others,
-            "descriptions": [f"{description}, on {_a(scene.background)} background."]}
+            "descriptions": [f"{description}, on {with_article(scene.background)} background."]}
 
 
 def pope_question(category: str) -> str:
-    return f"Is there {_a(category)} in the image?"
+    return f"Is there {with_article(category)} in the image?"
 
 
 def pope_negatives(scene: Scene, setting: str, rng: random.Random) -> list[str]:
@@ -359,37 +362,19 @@ STAGE3_KINDS = {"conversation": 0.25, "description": 0.1, "pope": 0.25, "rec": 0
 STAGE_NAMES = {"stage1-pretrain": 1, "stage1": 1, "1": 1, "stage2": 2, "2": 2, "stage3": 3, "3": 3}
 
 
-def merge_rounds(samples: list[dict]) -> dict:
-    """Single-question samples about one image -> one conversation asking them in turn (the image once, in the
-    first question; object images in order of appearance), as LLaVA packs an image's RefCOCO expressions.
-    Several objects of one scene in one sample: more answers per image, and the model must tell them apart."""
-    merged = {**samples[0], "conversations": [], "objects": []}
-    for sample in samples:
-        turns = [dict(turn) for turn in sample["conversations"]]
-        if merged["conversations"]:
-            turns[0]["value"] = turns[0]["value"].removeprefix("<image>\n")
-        merged["conversations"] += turns
-        merged["objects"] += sample.get("objects", [])
-    if not merged["objects"]:
-        del merged["objects"]
-    return merged
-
-
 class ShapesStageData:
     """On-the-fly samples of the shapes world for one training stage, map-style and deterministic: sample i
     is a function of (seed, stage, i) only, so every DataLoader worker and every resume sees the same data.
     Stage 1: captions naming coarse positions. Stage 2: the multi-scale kinds (STAGE2_KINDS). Stage 3:
     grounding conversations, grounding descriptions, POPE-style yes/no questions and REC (STAGE3_KINDS)."""
 
-    def __init__(self, stage: str, length: int, seed: int = 0, scene: SceneConfig | None = None, rounds: int = 1,
+    def __init__(self, stage: str, length: int, seed: int = 0, scene: SceneConfig | None = None,
                  kinds: dict[str, float] | None = None):
         """kinds: sample kind -> share, replacing the stage's mix (STAGE2_KINDS, STAGE3_KINDS); unnamed: none."""
         if str(stage) not in STAGE_NAMES:
             raise ValueError(f"stage must be one of {sorted(STAGE_NAMES)}, got {stage!r}")
-        if rounds < 1:
-            raise ValueError(f"rounds (questions per stage-2 image) must be at least 1, got {rounds}")
         self.stage, self.level, self.length, self.seed = str(stage), STAGE_NAMES[str(stage)], length, seed
-        self.scene, self.rounds = scene or SceneConfig(), rounds  # rounds: stage-2 questions per image
+        self.scene = scene or SceneConfig()
         mix = {2: {k: share for k, (_, share) in STAGE2_KINDS.items()}, 3: dict(STAGE3_KINDS)}.get(self.level, {})
         if kinds:
             if set(kinds) - set(mix) or min(kinds.values()) < 0 or not sum(kinds.values()) > 0:
@@ -417,16 +402,13 @@ class ShapesStageData:
             scene = make_scene(rng, self.scene)
             if self.level == 1:
                 return scene, caption_sample(None, shapes_caption(scene, rng), rng, f"{self.stage}-{i}")
-            named = name_objects(scene, rng, self.rounds if self.level == 2 else 3)
+            named = name_objects(scene, rng, 1 if self.level == 2 else 3)
             if not named:
                 continue
             grounded = shapes_grounded(scene, None, named)
-            if self.level == 2:  # each named object is one round's target (REC when its kind cannot be made)
-                rounds = []
-                for target in named:
-                    kind = rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
-                    rounds.append(STAGE2_KINDS[kind][0](grounded, rng, target) or rec_sample(grounded, rng, target))
-                sample = merge_rounds(rounds)
+            if self.level == 2:  # the named object is the target (REC when the drawn kind cannot be made)
+                kind = rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
+                sample = STAGE2_KINDS[kind][0](grounded, rng, named[0]) or rec_sample(grounded, rng, named[0])
             else:
                 kind = rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
                 sample = (grounding_conversation_sample({**grounded, "objects": named}, rng)
@@ -436,7 +418,7 @@ class ShapesStageData:
             return scene, {"id": f"{self.stage}-{i}", **sample}
 
 
-# ----------------------------------------------------------------------------- tower pretraining data
+# ----------------------------------------------------------------------------- train.py's shapes preset
 
 CATEGORIES = [f"{color} {shape}" for color in COLORS for shape in SHAPES]  # patch classes 1..24; 0: background
 
@@ -476,6 +458,106 @@ EVAL_SCENES = {  # split -> (scene difficulty, expression kind)
     "testA": (SceneConfig(min_objects=1, max_objects=4), "attribute"),
     "testB": (SceneConfig(min_objects=3, max_objects=5, duplicate_prob=0.6), "relation"),
 }
+
+
+# train.py plugs the toy world in at three places: these settings (PRESET, PHASE_SETTINGS), a new model with
+# pretrained towers (new_model, pretrain_towers), and each phase's samples (stage_data).
+
+PRESET = dict(  # train.py's defaults under --preset shapes: a tiny model trained from scratch on a CPU
+    out_dir="runs/shapes",
+    stage="all",
+    micro_batch_size=32,
+    dtype="float32",  # on a CPU bf16 autocast is no faster (its attention backward is slow)
+    num_workers=1,
+    ckpt_every=100,
+    log_every=25,
+    max_len=256,
+    # lengths follow the sample kind here, so length-sorted megabatches would give batches of one kind; a
+    # stage-2 run with them spiked and collapsed into repeated digits: mixed batches
+    length_group=1,
+    # the answer loss alone never taught the shapes LM to look where the question points; this loss did
+    # (docs/experiments.md)
+    attention_loss=1.0,
+)
+PHASE_SETTINGS = {  # random weights: every phase trains the LM, at far larger learning rates than fine-tuning
+    "stage1-pretrain": dict(trains="llm+projector", lr=2e-3, batch_size=32, epochs=1.0),
+    "stage1": dict(trains="llm+projector", lr=1e-3, batch_size=32, epochs=1.0),
+    "stage2": dict(trains="llm+projector", lr=2e-3, batch_size=32, epochs=1.0),
+    "stage3": dict(trains="llm+projector", lr=5e-4, batch_size=32, epochs=1.0),
+}
+
+
+def new_model(max_len: int = 256) -> TinyGroundingGPT:
+    """The tiny model of the shapes world, random: two 3-layer towers of width 64 at 112 px (8x8 patches of
+    14 px), and a Qwen2-style LM of 4 blocks of width 128 (4 query heads, 2 key/value heads) over the
+    shapes tokenizer's 662 tokens. Its towers are its own (pretrain_towers), so their last block is the
+    feature layer."""
+    tok = Tokenizer.from_file(SHAPES_TOKENIZER)
+    tower = dict(hidden_size=64, num_layers=3, num_heads=4, mlp_size=256, patch_size=14, image_size=112,
+                 feature_layer=-1)
+    llm = Qwen2Config(vocab_size=tok.sampleable_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True,
+                      max_position_embeddings=max_len)
+    return TinyGroundingGPT(TinyGroundingGPTConfig(
+        vision=[VisionConfig(kind="clip", **tower), VisionConfig(kind="dinov2", **tower)], llm=llm,
+        image_token_id=tok.image_pad_id, object_token_id=tok.object_pad_id, pad_token_id=tok.pad_id,
+        stop_token_ids=tok.stop_ids, sampleable_size=tok.sampleable_size, object_tokens=4))
+
+
+def pretrain_towers(model: TinyGroundingGPT, steps: int, seed: int, schedule, num_workers: int = 1,
+                    log_every: int = 25, batch_size: int = 64) -> None:
+    """The shapes world's stand-in for CLIP's and DINOv2's pretraining, so that the stages, like the paper's,
+    start from frozen towers whose patch features already say what is where: each tower of `model` learns,
+    per patch, the class of the object there (colour x shape, or background) and that object's box, through
+    a linear head that is then dropped. schedule(step) -> learning rate. Without it the LM must learn to see
+    and to ground at once, and stalls (docs/experiments.md)."""
+    device = model.llm.embed_tokens.weight.device
+    towers = model.encoder.towers
+    towers.requires_grad_(True).train()
+    outputs = [1 + len(CATEGORIES), 4]  # class logits, box
+    heads = torch.nn.ModuleList(torch.nn.Linear(t.config.hidden_size, sum(outputs)) for t in towers).to(device)
+    params = [*towers.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=schedule(0), weight_decay=0.0)
+    dataset = TowerData(steps * batch_size, model.encoder.processor, towers[0].grid, seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    print(f"towers: {steps} steps of {batch_size} scenes, per-patch class + box")
+    for step, batch in enumerate(loader):
+        pixels, target_class, target_box = (t.to(device, non_blocking=True) for t in batch)  # [B,T,3,S,S] [B,P]..
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step)
+        loss, report, on_object = 0.0, [], target_class > 0  # [B, P]
+        for t, (tower, head) in enumerate(zip(towers, heads)):
+            logits, box = head(tower(pixels[:, t])).split(outputs, dim=-1)  # [B, P, classes], [B, P, 4]
+            box_error = (box[on_object] - target_box[on_object]).abs().mean()  # L1 in units of the side
+            # x10: box errors are fractions of the side (~0.5 at init, ~0.02 trained), class losses ~3 -> ~0.1
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), target_class.flatten()) + 10 * box_error
+            accuracy = (logits.argmax(-1) == target_class).float().mean()
+            report.append(f"{tower.config.kind} acc {accuracy:.3f} box L1 {box_error:.3f}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % log_every == 0 or step + 1 == steps:
+            print(f"towers {step + 1:>6}/{steps} | loss {loss.item():.4f} | lr {schedule(step):.2e} | "
+                  + " | ".join(report), flush=True)
+    towers.requires_grad_(False).eval()
+
+
+def stage_data(phase: str, samples: str, kinds: str = "", scene: str = "", seed: int = 0) -> ShapesStageData:
+    """One phase's samples from train.py's flags: samples "N1,N2,N3,N4" per epoch of stage1-pretrain, stage1,
+    stage2, stage3; kinds "rec:1,pope:1" (sample kind: share; empty: the stage's mix); scene SceneConfig fields
+    "min_objects=2,max_objects=2". A bad value raises ValueError."""
+    sizes = [int(n) for n in samples.split(",")]
+    if len(sizes) != len(PHASE_SETTINGS):
+        raise ValueError(f"--shapes_samples takes {len(PHASE_SETTINGS)} numbers ({', '.join(PHASE_SETTINGS)})")
+    fields = {f.name: f.type for f in dataclasses.fields(SceneConfig)}
+    scene_values = dict(item.split("=") for item in scene.split(",") if item)
+    if set(scene_values) - set(fields):
+        raise ValueError(f"--shapes_scene takes {', '.join(fields)}; got {scene!r}")
+    scene_config = SceneConfig(**{k: fields[k](v) for k, v in scene_values.items()})
+    shares = {k: float(v) for k, v in (item.split(":") for item in kinds.split(",") if item)}
+    return ShapesStageData(phase, dict(zip(PHASE_SETTINGS, sizes))[phase], seed=seed, scene=scene_config,
+                           kinds=None if phase.startswith("stage1") else shares)
 
 
 def write_shapes_splits(out: str, n: int = 500, seed: int = 0):
@@ -524,54 +606,6 @@ def write_shapes_splits(out: str, n: int = 500, seed: int = 0):
         question_id, image_index = question_id + 2 * k, image_index + 1
     for f in files.values():
         f.close()
-
-
-def write_pairs(split_path: str) -> str:
-    """The colour-and-shape probe: every two-object scene of a REC split whose objects differ in colour or
-    shape, asked "the {colour} {shape}" about each of its objects in turn (2 rows per scene), written next to the
-    split as pairs_{split}.jsonl. Size and salience cannot answer both rows; only reading colour and shape can."""
-    out = os.path.join(os.path.dirname(split_path), "pairs_" + os.path.basename(split_path).removeprefix("rec_"))
-    with open(split_path) as f, open(out, "w") as w:
-        for line in f:
-            row = json.loads(line)
-            objects = row["scene_objects"]
-            if len(objects) == 2 and len({(o["color"], o["shape"]) for o in objects}) == 2:
-                for o in objects:
-                    question = {**row, "expression": f"the {o['color']} {o['shape']}", "bbox": o["bbox"]}
-                    w.write(json.dumps(question) + "\n")
-    return out
-
-
-def score_pairs(predictions_path: str) -> dict[str, int]:
-    """eval.py --out rows of a pairs file (in its order) -> questions right, scenes with both right, scenes
-    given the same box for both questions."""
-    with open(predictions_path) as f:
-        rows = [json.loads(line) for line in f]
-    pairs = list(zip(rows[0::2], rows[1::2]))
-    return {"questions": len(rows), "right": sum(r["correct"] for r in rows), "scenes": len(pairs),
-            "both right": sum(a["correct"] and b["correct"] for a, b in pairs),
-            "same box": sum(a["pred_box"] is not None and a["pred_box"] == b["pred_box"] for a, b in pairs)}
-
-
-@torch.no_grad()
-def attention_shift(ckpt: str, pairs_path: str, limit: int = 0) -> float:
-    """Does the question steer the model's look? Over the probe's scenes: the total variation between the two
-    questions' attention over the image patches (the last layer's, mean over heads, from the position that
-    writes the answer's first token). 0: the look ignores the expression; 1: disjoint looks."""
-    import sample  # the model side, only here
-
-    model, tok = sample.load(ckpt)
-    rows = [json.loads(line) for line in open(pairs_path)][: limit or None]
-    if len(rows) < 2:
-        raise ValueError(f"{pairs_path}: {len(rows)} questions; the probe asks two per scene (python shapes.py pairs)")
-    looks = []
-    for row in rows:
-        session = sample.Session(model, tok, Image.open(os.path.join(os.path.dirname(pairs_path), row["img_path"])))
-        ids, pixels, _ = session.prompt(REC_PROMPT.format(row["expression"]))  # as eval.py asks
-        probs = model(torch.tensor([ids]), images=pixels, return_last_attn=True)[-1]  # [1, heads, L, L]
-        patches = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
-        looks.append(probs[0, :, -1, patches].float().mean(0))  # [patches]
-    return sum(0.5 * (a - b).abs().sum().item() for a, b in zip(looks[0::2], looks[1::2])) / (len(looks) // 2)
 
 
 def baselines(split_path: str, seed: int = 0) -> dict[str, float]:
@@ -631,40 +665,31 @@ def train_shapes_tokenizer(vocab_size: int = 640, samples_per_stage: int = 2000)
 
 
 def main(argv: list[str]):
-    def option(name, default):
-        return type(default)(argv[argv.index(name) + 1]) if name in argv else default
-
-    takes = {"splits": ["--out", "--n", "--seed"], "tokenizer": ["--out", "--vocab-size"],
-             "pairs": ["--split", "--score", "--attention", "--pairs"], "baselines": ["--split", "--seed"]}
-    command = argv[0] if argv else ""
-    if command not in takes or "-h" in argv or "--help" in argv:
-        print(__doc__)
-        sys.exit(0 if command in (*takes, "", "-h", "--help") else f"unknown command {command!r}")
-    if len(argv) % 2 == 0 or any(flag not in takes[command] for flag in argv[1::2]):
-        sys.exit(f"shapes.py {command} takes {', '.join(takes[command])}, each followed by a value; "
-                 f"got {' '.join(argv[1:])!r}")
-    if command == "splits":
-        out = option("--out", "data/shapes")
-        write_shapes_splits(out, option("--n", 500), option("--seed", 0))
-        print(f"wrote rec_{{val,testA,testB}}.jsonl and pope_{{random,popular,adversarial}}.jsonl to {out}")
-    elif command == "tokenizer":
-        out = option("--out", SHAPES_TOKENIZER)
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        tok = train_shapes_tokenizer(option("--vocab-size", 640))
-        tok.save(out, pretty=False)
-        print(f"wrote {out}: {tok.get_vocab_size()} tokens, {os.path.getsize(out)} bytes")
-    elif command == "pairs" and "--attention" in argv:
-        shift = attention_shift(option("--attention", ""), option("--pairs", "data/shapes/pairs_testA.jsonl"))
-        print(f"attention shift between the two questions of a scene: {shift:.4f} (0: the look ignores the question)")
-    elif command == "pairs" and "--score" in argv:
-        print(", ".join(f"{k} {v}" for k, v in score_pairs(option("--score", "")).items()))
-    elif command == "pairs":
-        out = write_pairs(option("--split", "data/shapes/rec_testA.jsonl"))
-        print(f"wrote {out}; score it with: python eval.py --ckpt CKPT --task rec --data {out} --out P.jsonl "
-              "&& python shapes.py pairs --score P.jsonl")
-    elif command == "baselines":
-        for name, acc in baselines(option("--split", "data/shapes/rec_testA.jsonl"), option("--seed", 0)).items():
+    parser = argparse.ArgumentParser(prog="shapes.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    splits = commands.add_parser("splits", help="write the REC and POPE evaluation splits")
+    splits.add_argument("--out", default="data/shapes", help="folder for rec_*.jsonl, pope_*.jsonl and images")
+    splits.add_argument("--n", type=int, default=500, help="questions per split")
+    splits.add_argument("--seed", type=int, default=0)
+    guesses = commands.add_parser("baselines", help="what guessing scores on a REC split")
+    guesses.add_argument("--split", default="data/shapes/rec_testA.jsonl")
+    guesses.add_argument("--seed", type=int, default=0)
+    vocab = commands.add_parser("tokenizer", help="train the shapes tokenizer (deterministic)")
+    vocab.add_argument("--out", default=SHAPES_TOKENIZER)
+    vocab.add_argument("--vocab-size", type=int, default=640, help="learned tokens, before the special ones")
+    args = parser.parse_args(argv)
+    if args.command == "splits":
+        write_shapes_splits(args.out, args.n, args.seed)
+        print(f"wrote rec_{{val,testA,testB}}.jsonl and pope_{{random,popular,adversarial}}.jsonl to {args.out}")
+    elif args.command == "baselines":
+        for name, acc in baselines(args.split, args.seed).items():
             print(f"{name:14s} Acc@0.5 {100 * acc:5.1f}%")
+    else:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        tok = train_shapes_tokenizer(args.vocab_size)
+        tok.save(args.out, pretty=False)
+        print(f"wrote {args.out}: {tok.get_vocab_size()} tokens, {os.path.getsize(args.out)} bytes")
 
 
 if __name__ == "__main__":

@@ -29,14 +29,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import download
 import shapes
-from encoders import ImageProcessor, VisionConfig
-from model import Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
+from model import TinyGroundingGPT, image_attention, setup_distributed
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -73,29 +71,19 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each LM block's activations in the backward (less memory)
     num_workers: int = 2  # DataLoader worker processes per training process
     seed: int = 1337  # model init, data order and sample draws
-    # where the image's tokens stand in the first question (the model's config.json keeps it for eval/sample):
-    # False = before it, LLaVA's and the paper's order
-    image_after_question: bool = False
     log_every: int = 1  # optimizer steps between log lines
     ckpt_every: int = 200  # optimizer steps between resumable checkpoints (and one at the end)
     keep_checkpoints: bool = False  # keep {phase}-ckpt after the phase's export (it is ~3x the export's size)
-    # shapes preset only:
+    # weight of box_attention_loss (0: off; the shapes preset: 1), which tells the LM where a box answer's
+    # object is in the image
+    attention_loss: float = 0.0
+    # shapes preset only (shapes.py):
     tower_steps: int = 400  # steps of batch 64 pretraining the tiny towers before stage 1 (0: none)
-    tower_digits: bool = False  # the towers also learn the digits of each box coordinate (helps short runs only)
-    train_towers: bool = False  # also train the towers in the stages (the paper freezes them)
     shapes_samples: str = "3200,3200,28800,6400"  # samples per epoch: stage1 pretrain, finetune, 2, 3
-    shapes_rounds: int = 1  # stage-2 questions per image (each about another object of the scene)
     # stage 2 and 3's mix of sample kinds: "rec:1", "pope:1,rec:1" (shapes.STAGE2_KINDS / STAGE3_KINDS names;
     # default: theirs)
     shapes_kinds: str = ""
     shapes_scene: str = ""  # the training scenes, shapes.SceneConfig fields: "min_objects=2,duplicate_prob=0"
-    # weight of box_attention_loss (0: off; the shapes preset: 1), which tells the LM where a box answer's
-    # object is in the image
-    attention_loss: float = 0.0
-    llm_width: int = 128  # the shapes LM's width, MLP 3x (a new model only: later phases keep their init's)
-    llm_layers: int = 4  # the shapes LM's blocks (a new model only)
-    llm_heads: int = 4  # the shapes LM's query heads (a new model only)
-    llm_kv_heads: int = 2  # the shapes LM's key/value heads (a new model only)
 
 
 # Table 6 of the paper. "trains": which parts get gradients (the encoders never do in the paper).
@@ -107,33 +95,6 @@ PHASES = {
 }
 STAGE_PHASES = {"1": ["stage1-pretrain", "stage1"], "2": ["stage2"], "3": ["stage3"]}
 STAGE_PHASES["all"] = STAGE_PHASES["1"] + STAGE_PHASES["2"] + STAGE_PHASES["3"]
-
-# The shapes preset: a tiny model trained from scratch in minutes on a CPU. Values measured, see README.
-SHAPES_PRESET = dict(
-    out_dir="runs/shapes",
-    stage="all",
-    micro_batch_size=32,
-    # fp32: on a CPU, bf16 autocast made the step no faster here (its attention backward is slow), and the
-    # a pre-project prototype (2.8M parameters) went to NaN in bf16 on a GPU
-    dtype="float32",
-    num_workers=1,
-    ckpt_every=100,
-    log_every=25,
-    max_len=256,
-    # length-sorted megabatches give batches of one sample kind here (lengths follow the kind); a stage-2 run
-    # with them spiked at step 276 and collapsed to repeated digits (1% testA at step 500), so: mixed batches
-    length_group=1,
-    # the answer loss alone never taught the shapes LM to look where the question points; this loss did
-    # (README, "What moved it"); the quickstart takes ~7% longer with it
-    attention_loss=1.0,
-)
-SHAPES_PHASES = {  # from-scratch weights need far larger learning rates than fine-tuning a pretrained LLM
-    "stage1-pretrain": dict(lr=2e-3, batch_size=32, epochs=1.0),
-    "stage1": dict(lr=1e-3, batch_size=32, epochs=1.0),
-    "stage2": dict(lr=2e-3, batch_size=32, epochs=1.0),
-    "stage3": dict(lr=5e-4, batch_size=32, epochs=1.0),
-}
-
 
 def field_help() -> dict[str, str]:
     """What `--help` says of each key: the comments of its TrainConfig field (the full-line comments just
@@ -175,7 +136,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
         joined.append(f"{arg}={argv[i + 1]}" if pair else arg)
         i += 2 if pair else 1
     given = {k: v for k, v in vars(parser.parse_args(joined)).items() if v is not None}
-    return TrainConfig(**{**(SHAPES_PRESET if given.get("preset") == "shapes" else {}), **given})
+    return TrainConfig(**{**(shapes.PRESET if given.get("preset") == "shapes" else {}), **given})
 
 
 @dataclass
@@ -193,7 +154,7 @@ class PhaseSettings:
 def resolve_phase(cfg: TrainConfig, name: str) -> PhaseSettings:
     base = dict(PHASES[name])
     if cfg.preset == "shapes":
-        base.update(SHAPES_PHASES[name])
+        base.update(shapes.PHASE_SETTINGS[name])
     pick = lambda ours, default: ours if ours > 0 else default
     files = [p for p in getattr(cfg, base["data"]).split(",") if p] if cfg.preset == "paper" else []
     return PhaseSettings(
@@ -207,21 +168,6 @@ def resolve_phase(cfg: TrainConfig, name: str) -> PhaseSettings:
 
 
 # ----------------------------------------------------------------------------- distributed set-up
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPUs; alone: no process group."""
-    cuda = torch.cuda.is_available()
-    if cuda:  # TF32 for the fp32 matmuls and convolutions that remain (the paper trains with BF16 and TF32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cpu")
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def all_reduce_sum(value: float | int, device) -> float:
@@ -273,53 +219,17 @@ def build_model(cfg: TrainConfig, init: str, device) -> tuple[TinyGroundingGPT, 
         model = TinyGroundingGPT.from_pretrained(init, dtype=torch.float32, device=device)
         return model, os.path.join(init, "tokenizer.json"), init
     if cfg.preset == "shapes":
-        return new_shapes_model(cfg).to(device), shapes.SHAPES_TOKENIZER, "a new random shapes model"
+        return shapes.new_model(cfg.max_len).to(device), shapes.SHAPES_TOKENIZER, "a new random shapes model"
     model = TinyGroundingGPT.from_components(cfg.clip, cfg.dino, cfg.qwen, image_size=cfg.image_size).to(device)
     return model, os.path.join(cfg.qwen, "tokenizer.json"), f"{cfg.clip} + {cfg.dino} + {cfg.qwen}"
 
 
-def new_shapes_model(cfg: TrainConfig) -> TinyGroundingGPT:
-    return TinyGroundingGPT(shapes_model_config(data.Tokenizer.from_file(shapes.SHAPES_TOKENIZER), cfg))
-
-
-def shapes_model_config(tok: data.Tokenizer, cfg: TrainConfig) -> TinyGroundingGPTConfig:
-    """The tiny model of the shapes world: two 3-layer towers at 112 px (8x8 patches), an LM of cfg's size
-    (default 4 blocks of width 128)."""
-    tower = dict(
-        hidden_size=64, num_layers=3, num_heads=4, mlp_size=256, patch_size=14, image_size=112, feature_layer=-1
-    )  # pretrained from scratch (pretrain_towers): the last block's output, no block left idle
-    llm = Qwen2Config(
-        vocab_size=tok.sampleable_size,
-        hidden_size=cfg.llm_width,
-        intermediate_size=3 * cfg.llm_width,
-        num_hidden_layers=cfg.llm_layers,
-        num_attention_heads=cfg.llm_heads,
-        num_key_value_heads=cfg.llm_kv_heads,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        max_position_embeddings=cfg.max_len,
-    )
-    return TinyGroundingGPTConfig(
-        vision=[VisionConfig(kind="clip", **tower), VisionConfig(kind="dinov2", **tower)],
-        llm=llm,
-        image_token_id=tok.image_pad_id,
-        object_token_id=tok.object_pad_id,
-        pad_token_id=tok.pad_id,
-        stop_token_ids=tok.stop_ids,
-        sampleable_size=tok.sampleable_size,
-        object_tokens=4,
-        train_towers=cfg.train_towers,
-    )
-
-
-def set_trainable(model: TinyGroundingGPT, trains: str, train_towers: bool) -> None:
-    """Freeze everything, then unfreeze what the phase trains."""
+def set_trainable(model: TinyGroundingGPT, trains: str) -> None:
+    """Freeze everything, then unfreeze what the phase trains (the towers stay frozen, as in the paper)."""
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
     if "llm" in trains:
         model.llm.requires_grad_(True)
-    model.encoder.requires_grad_(train_towers)
-    model.config.train_towers = train_towers  # the model runs frozen towers under no_grad, in eval mode
 
 
 def shard(model: TinyGroundingGPT, cfg: TrainConfig) -> None:
@@ -563,23 +473,9 @@ def peak_flops(device) -> float:
 # ----------------------------------------------------------------------------- shapes: tower pretraining
 
 
-def coordinate_digits(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes [..., 4] in [0, 1] -> the tenths and hundredths digits of each coordinate as the LM writes it
-    (`0.372` -> 3, 7), each [..., 4]; `1.000` has tenths class 10 ("1.") and hundredths 0."""
-    milli = torch.round(boxes * 1000).long()
-    whole = milli >= 1000
-    tenths = torch.where(whole, torch.full_like(milli, 10), milli // 100)
-    return tenths, torch.where(whole, torch.zeros_like(milli), (milli // 10) % 10)
-
-
-def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
-    """The shapes world's stand-in for CLIP's and DINOv2's pretraining, so that its stages, like the paper's,
-    start from frozen towers whose patch features already say what is where: each tower learns, per patch,
-    the class of the object there (colour x shape, or background) and that object's box (and, with
-    tower_digits, the digits the box is written with), through a linear head that is thrown away. Without it
-    the LM must learn to see and to ground at once, and stalls (README).
-    Rank 0 trains (minutes; not checkpointed: a rerun after a crash starts it over); the stages then start from
-    the exported `{out_dir}/towers`."""
+def pretrain_shapes_towers(cfg: TrainConfig, rank: int, device) -> None:
+    """The shapes preset's `towers` phase (shapes.pretrain_towers), exported to `{out_dir}/towers` for stage 1
+    to start from. Rank 0 trains (minutes; not checkpointed: a rerun after a crash starts it over)."""
     out = os.path.join(cfg.out_dir, "towers")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         if rank == 0:
@@ -587,48 +483,9 @@ def pretrain_towers(cfg: TrainConfig, rank: int, device) -> None:
         return
     if rank == 0:
         torch.manual_seed(cfg.seed)
-        model = new_shapes_model(cfg).to(device)
-        towers, grid, batch_size, peak = model.encoder.towers, model.encoder.towers[0].grid, 64, 2e-3
-        towers.requires_grad_(True).train()  # the model holds its towers frozen (config.train_towers)
-        classes = 1 + len(shapes.CATEGORIES)
-        digits = [4 * 11, 4 * 10] if cfg.tower_digits else []  # tenths, hundredths logits of the 4 coordinates
-        outputs = [classes, 4, *digits]
-        heads = torch.nn.ModuleList(torch.nn.Linear(t.config.hidden_size, sum(outputs)) for t in towers).to(device)
-        params = [*towers.parameters(), *heads.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
-        dataset = shapes.TowerData(cfg.tower_steps * batch_size, ImageProcessor(model.config.vision), grid, cfg.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers)
-        targets = "class + box" + (" + digits" if digits else "")
-        print(f"towers: {cfg.tower_steps} steps of {batch_size} scenes, per-patch {targets}, lr {peak:g}")
-        t_start = time.time()
-        for step, batch in enumerate(loader):
-            pixels, target_class, target_box = (t.to(device, non_blocking=True) for t in batch)
-            lr = lr_at(step, cfg.tower_steps, peak, cfg.warmup_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, report, on_object = 0.0, [], target_class > 0  # [B, P]
-            digit_targets = coordinate_digits(target_box[on_object]) if digits else ()  # tenths, hundredths [N, 4]
-            for t, (tower, head) in enumerate(zip(towers, heads)):
-                # [B, P, classes], [B, P, 4], and with digits [B, P, 44], [B, P, 40]
-                logits, box, *digit_logits = head(tower(pixels[:, t])).split(outputs, dim=-1)
-                class_loss = F.cross_entropy(logits.flatten(0, 1), target_class.flatten())
-                box_error = (box[on_object] - target_box[on_object]).abs().mean()  # L1 in units of the side
-                # x10: box errors are fractions of the side (~0.5 at init, ~0.02 trained), class losses ~3 -> ~0.1
-                loss = loss + class_loss + 10 * box_error
-                metrics = {"acc": (logits.argmax(-1) == target_class).float().mean(), "box L1": box_error}
-                for name, n, pred, target in zip(("tenths", "hundredths"), (11, 10), digit_logits, digit_targets):
-                    pred = pred[on_object].view(-1, n)  # [N * 4, n]
-                    loss = loss + F.cross_entropy(pred, target.flatten())
-                    metrics[name] = (pred.argmax(-1) == target.flatten()).float().mean()
-                report.append((tower.config.kind, metrics))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            if step % cfg.log_every == 0 or step + 1 == cfg.tower_steps:
-                towers_line = " | ".join(kind + "".join(f" {k} {v:.3f}" for k, v in m.items()) for kind, m in report)
-                print(f"towers {step + 1:>6}/{cfg.tower_steps} | loss {loss.item():.4f} | lr {lr:.2e} | {towers_line}",
-                      flush=True)
+        model, t_start, peak = shapes.new_model(cfg.max_len).to(device), time.time(), 2e-3
+        shapes.pretrain_towers(model, cfg.tower_steps, cfg.seed, lambda step: lr_at(step, cfg.tower_steps, peak,
+                               cfg.warmup_ratio), cfg.num_workers, cfg.log_every)
         model.save_pretrained(out, shapes.SHAPES_TOKENIZER)
         print(f"towers: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}")
     barrier()
@@ -655,7 +512,8 @@ def box_attention_loss(batch: dict, attn: torch.Tensor, tokenizer, image_token_i
             continue
         inside = data.patches_in_box([float(g) for g in match.groups()], side).to(attn.device)
         if inside.any():
-            look = attn[row, :, first - 1 : first - 1 + positions][:, :, patches].float().mean(0)  # [positions, P]
+            queries = list(range(first - 1, min(first - 1 + positions, ids.shape[1])))
+            look = image_attention(attn[row], ids[row], queries, image_token_id)  # [positions, P]
             terms.append(-(look[:, inside].sum(-1) + 1e-4).log().mean())
     return torch.stack(terms).mean() if terms else attn.new_zeros((), dtype=torch.float)
 
@@ -663,31 +521,10 @@ def box_attention_loss(batch: dict, attn: torch.Tensor, tokenizer, image_token_i
 def shapes_stage_data(cfg: TrainConfig, name: str) -> shapes.ShapesStageData:
     """One phase's shapes samples (drawn on the fly). A bad --shapes_* value exits naming the flag."""
     try:
-        sizes = dict(zip(PHASES, (int(n) for n in cfg.shapes_samples.split(","))))
-        fields = {f.name: f.type for f in dataclasses.fields(shapes.SceneConfig)}
-        scene = {k: v for k, v in (item.split("=") for item in cfg.shapes_scene.split(",") if item)}
-        if set(scene) - set(fields):
-            raise ValueError(f"--shapes_scene takes {', '.join(fields)}; got {cfg.shapes_scene!r}")
-        scene = shapes.SceneConfig(**{k: fields[k](v) for k, v in scene.items()})
-        kinds = {k: float(v) for k, v in (item.split(":") for item in cfg.shapes_kinds.split(",") if item)}
-        return shapes.ShapesStageData(name, sizes[name], seed=cfg.seed, scene=scene, rounds=cfg.shapes_rounds,
-                                      kinds=None if name.startswith("stage1") else kinds)
+        return shapes.stage_data(name, cfg.shapes_samples, cfg.shapes_kinds, cfg.shapes_scene, cfg.seed)
     except ValueError as e:
         sys.exit(f"error: --shapes_samples={cfg.shapes_samples} --shapes_scene={cfg.shapes_scene} "
                  f"--shapes_kinds={cfg.shapes_kinds}: {e}")
-
-
-def build_dataset(cfg: TrainConfig, samples, model: TinyGroundingGPT, tokenizer) -> data.SFTDataset:
-    return data.SFTDataset(
-        samples,
-        tokenizer,
-        model.encoder.processor,
-        model.num_image_tokens,
-        model.config.object_tokens,
-        max_len=cfg.max_len,
-        skip_bad=cfg.skip_bad,
-        image_after_question=model.config.image_after_question,
-    )
 
 
 def load_phase_samples(cfg: TrainConfig, phase: PhaseSettings, rank: int) -> list[dict]:
@@ -724,7 +561,83 @@ def load_phase_samples(cfg: TrainConfig, phase: PhaseSettings, rank: int) -> lis
     return samples
 
 
+def prepare_model(cfg: TrainConfig, phase: PhaseSettings, init: str, rank: int, device):
+    """The phase's model, ready to train: built or loaded, what the phase trains unfrozen, blocks compiled and
+    sharded as asked; with its tokenizer.json."""
+    torch.manual_seed(cfg.seed)
+    model, tokenizer_path, source = build_model(cfg, init, device)
+    if rank == 0:
+        print(f"{phase.name}: starts from {source}")
+    set_trainable(model, phase.trains)
+    if cfg.activation_checkpointing:
+        model.llm.activation_checkpointing = True
+    if cfg.compile:
+        for block in model.llm.layers:
+            block.compile()
+    if dist.is_initialized():
+        shard(model, cfg)
+    return model, tokenizer_path
+
+
+def train_step(model, optimizer, micro_batches: list[dict], lr: float, cfg: TrainConfig, tokenizer, world: int,
+               device) -> dict:
+    """One optimizer step over the global batch's micro-batches of this process -> its log record.
+
+    The loss is the mean over all answer tokens of the global batch, whatever the split into processes and
+    micro-batches: each micro-batch's mean is reweighted by its share of the tokens (x world size, because
+    FSDP averages gradients over processes)."""
+    sharded, t0 = dist.is_initialized(), time.time()
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
+    total_tokens = max(1.0, all_reduce_sum(sum(counts), device))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not sharded)
+    loss_sum, look_sum, n_tokens, n_padded = 0.0, 0.0, 0, 0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if sharded:
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        with autocast:
+            if cfg.attention_loss:  # the eager attention path, for its probabilities
+                _, loss, attn = model(**batch, return_last_attn=True)
+                look = box_attention_loss(batch, attn, tokenizer, model.config.image_token_id)
+                look_sum += look.item() / len(micro_batches)
+            else:
+                _, loss = model(**batch)
+        objective = loss + cfg.attention_loss * look if cfg.attention_loss else loss
+        (objective * (counts[i] / total_tokens * world)).backward()
+        loss_sum += loss.item() * counts[i]
+        n_tokens += int(batch["attention_mask"].sum())
+        n_padded += batch["attention_mask"].numel()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dt = time.time() - t0
+    return dict(
+        loss=round(all_reduce_sum(loss_sum, device) / total_tokens, 5),
+        lr=lr,
+        grad_norm=round(grad_norm, 4),
+        tokens_per_s=round(all_reduce_sum(n_tokens, device) / dt, 1),
+        padding=round(1 - n_tokens / max(1, n_padded), 4),  # this process's share of padded positions
+        dt=round(dt, 4),
+        **({"attention_loss": round(all_reduce_sum(look_sum, device) / world, 4)} if cfg.attention_loss else {}),
+    )
+
+
+def log_line(name: str, step: int, total: int, record: dict, mfu: float, eta_s: float, device) -> str:
+    """The one dense line a step prints."""
+    mem = f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device.type == "cuda" else ""
+    look = f"attn loss {record['attention_loss']:.3f} | " if "attention_loss" in record else ""
+    return (f"{name} {step + 1:>6}/{total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"gnorm {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s"
+            + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f"{mem} | {look}eta {eta_s / 60:.1f}min")
+
+
 def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, device) -> None:
+    """One phase: its inputs checked, its model prepared, resumed from its newest checkpoint, trained step by
+    step (checkpoints every ckpt_every steps) and exported to {out_dir}/{phase}."""
     out = os.path.join(cfg.out_dir, phase.name)
     if os.path.exists(os.path.join(out, "model.safetensors")):
         if rank == 0:
@@ -733,139 +646,52 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     # the inputs before the model: a wrong path fails in seconds, not after loading billions of weights
     init = start_dir(cfg, phase)
     samples = shapes_stage_data(cfg, phase.name) if cfg.preset == "shapes" else load_phase_samples(cfg, phase, rank)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer_path, source = build_model(cfg, init, device)
-    if rank == 0:
-        print(f"{phase.name}: starts from {source}")
+    model, tokenizer_path = prepare_model(cfg, phase, init, rank, device)
     tokenizer = data.Tokenizer.from_file(tokenizer_path)
-    # The shapes model starts from random weights, so every phase trains the LLM (and the tiny towers); the
-    # paper's projector-only pretraining presumes a pretrained LLM.
-    trains = phase.trains if cfg.preset == "paper" else "llm+projector"
-    set_trainable(model, trains, cfg.train_towers and cfg.preset == "shapes")
-    if model.config.image_after_question != cfg.image_after_question and rank == 0:  # a switch mid-chain: say so
-        print(f"{phase.name}: the init model read image_after_question={model.config.image_after_question}; "
-              f"this phase trains (and exports) {cfg.image_after_question}")
-    model.config.image_after_question = cfg.image_after_question
-    llm = model.config.llm
-    size = (llm.hidden_size, llm.num_hidden_layers, llm.num_attention_heads, llm.num_key_value_heads)
-    flags = (cfg.llm_width, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads)
-    if cfg.preset == "shapes" and size != flags and rank == 0:
-        print(f"{phase.name}: the init model's LM (width, blocks, heads, KV heads) is {size}; the --llm_* flags "
-              f"size a new model only")
-    dataset = build_dataset(cfg, samples, model, tokenizer)
-    if cfg.activation_checkpointing:
-        model.llm.activation_checkpointing = True
-    if cfg.compile:
-        for block in model.llm.layers:
-            block.compile()
-    sharded = dist.is_initialized()
-    if sharded:
-        shard(model, cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # sharding replaced the Parameters
+    dataset = data.SFTDataset(samples, tokenizer, model.encoder.processor, model.num_image_tokens,
+                              model.config.object_tokens, max_len=cfg.max_len, skip_bad=cfg.skip_bad)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding, which replaces them
     optimizer = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-
     ckpt_dir = os.path.join(cfg.out_dir, f"{phase.name}-ckpt")
     os.makedirs(ckpt_dir, exist_ok=True)
     start = 0
     if found := find_checkpoint(ckpt_dir, rank):
         load_checkpoint(model, optimizer, found[0], rank)
         start = found[1]
-    steps_per_epoch = len(dataset) // phase.batch_size
-    total = math.ceil(phase.epochs * steps_per_epoch)
+    total = math.ceil(phase.epochs * (len(dataset) // phase.batch_size))
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
     batches = StepBatches(
         dataset.lengths, phase.batch_size, cfg.micro_batch_size, rank, world, cfg.seed, start, total, cfg.length_group
     )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batches,
-        collate_fn=data.collate,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-    )
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=data.collate,
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     accumulation = batches.accumulation()
     if rank == 0:
-        n_train = sum(p.numel() for p in trainable)
         print(
             f"{phase.name}: {len(dataset)} samples, {total} steps of {phase.batch_size} "
             f"({world} process(es) x {accumulation} micro-batches of {batches.micro}), lr {phase.lr:g}, "
-            f"trains {n_train / 1e6:.2f}M params" + (f", resuming at step {start}" if start else "")
+            f"trains {sum(p.numel() for p in trainable) / 1e6:.2f}M params"
+            + (f", resuming at step {start}" if start else "")
         )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not sharded)
     metrics_path = os.path.join(cfg.out_dir, f"{phase.name}.metrics.jsonl")
     history = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) and start else []
     history = [h for h in history if h["step"] < start]  # a crash may have logged steps after the checkpoint
-    peak, fpt = peak_flops(device), None
+    peak, fpt = peak_flops(device), flops_per_token(model, cfg.max_len)
     micro_iter = iter(loader)
-    bar = tqdm(
-        total=total,
-        initial=start,
-        desc=phase.name,
-        disable=rank != 0 or not sys.stderr.isatty(),
-        dynamic_ncols=True,
-        leave=False,
-    )
+    bar = tqdm(total=total, initial=start, desc=phase.name, disable=rank != 0 or not sys.stderr.isatty(),
+               dynamic_ncols=True, leave=False)
     model.train()
     t_start = time.time()
     for step in range(start, total):
-        t0 = time.time()
         micro_batches = [next(micro_iter) for _ in range(accumulation)]
-        # The loss is the mean over all answer tokens of the global batch, whatever the split into
-        # processes and micro-batches: each micro-batch's mean is reweighted by its share of the tokens
-        # (x world size, because FSDP averages gradients over processes).
-        counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
-        total_tokens = max(1.0, all_reduce_sum(sum(counts), device))
         lr = lr_at(step, total, phase.lr, cfg.warmup_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, look_sum, n_tokens, n_padded = 0.0, 0.0, 0, 0
-        for i, batch in enumerate(micro_batches):
-            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            if sharded:
-                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            with autocast:
-                if cfg.attention_loss:  # the eager attention path, for its probabilities
-                    _, loss, attn = model(**batch, return_last_attn=True)
-                    look = box_attention_loss(batch, attn, tokenizer, model.config.image_token_id)
-                    look_sum += look.item() / len(micro_batches)
-                else:
-                    _, loss = model(**batch)
-            objective = loss + cfg.attention_loss * look if cfg.attention_loss else loss
-            (objective * (counts[i] / total_tokens * world)).backward()
-            loss_sum += loss.item() * counts[i]
-            n_tokens += int(batch["attention_mask"].sum())
-            n_padded += batch["attention_mask"].numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        loss_value = all_reduce_sum(loss_sum, device) / total_tokens
-        tokens = all_reduce_sum(n_tokens, device)
-        dt = time.time() - t0
-        fpt = fpt or flops_per_token(model, cfg.max_len)
-        record = dict(
-            step=step,
-            loss=round(loss_value, 5),
-            lr=lr,
-            grad_norm=round(grad_norm, 4),
-            tokens_per_s=round(tokens / dt, 1),
-            padding=round(1 - n_tokens / max(1, n_padded), 4),  # this process's share of padded positions
-            dt=round(dt, 4),
-            **({"attention_loss": round(all_reduce_sum(look_sum, device) / world, 4)} if cfg.attention_loss else {}),
-        )
+        record = {"step": step, **train_step(model, optimizer, micro_batches, lr, cfg, tokenizer, world, device)}
         history.append(record)
         bar.update(1)
         if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):
+            mfu = fpt * record["tokens_per_s"] / (peak * world) if peak else 0.0
             eta = (time.time() - t_start) / (step + 1 - start) * (total - step - 1)
-            mfu = f" | mfu {100 * fpt * tokens / dt / (peak * world):.1f}%" if peak else ""
-            mem = f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device.type == "cuda" else ""
-            tqdm.write(
-                f"{phase.name} {step + 1:>6}/{total} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                f"gnorm {grad_norm:.2f} | {tokens / dt:,.0f} tok/s{mfu}{mem} | "
-                + (f"attn loss {record['attention_loss']:.3f} | " if cfg.attention_loss else "") +
-                f"eta {eta / 60:.1f}min"
-            )
+            tqdm.write(log_line(phase.name, step, total, record, mfu, eta, device))
             sys.stdout.flush()  # one line per step also when stdout is a file
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
             if rank == 0:  # the metrics first: a checkpoint that exists has its history (resume drops the excess)
@@ -874,17 +700,18 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     bar.close()
     export(model, out, tokenizer_path, rank)
     if rank == 0:
-        if not cfg.keep_checkpoints:  # the export is complete and is what the next phase starts from
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if history:
-            draw_loss_curve(
-                [h["loss"] for h in history], os.path.join(cfg.out_dir, f"{phase.name}.loss.png"), phase.name
-            )
-        padding = sum(h.get("padding", 0.0) for h in history) / max(1, len(history))
-        print(
-            f"{phase.name}: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}; "
-            f"{100 * padding:.1f}% of positions were padding; bad input: {data.SKIPPED}"
-        )
+        finish_phase(cfg, phase.name, out, ckpt_dir, history, time.time() - t_start)
+
+
+def finish_phase(cfg: TrainConfig, name: str, out: str, ckpt_dir: str, history: list[dict], seconds: float):
+    """After the export: the checkpoints removed (unless kept), the loss curve drawn, the summary printed."""
+    if not cfg.keep_checkpoints:  # the export is complete and is what the next phase starts from
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if history:
+        draw_loss_curve([h["loss"] for h in history], os.path.join(cfg.out_dir, f"{name}.loss.png"), name)
+    padding = sum(h.get("padding", 0.0) for h in history) / max(1, len(history))
+    print(f"{name}: done in {seconds / 60:.1f} min, exported to {out}; {100 * padding:.1f}% of positions were "
+          f"padding; bad input: {data.SKIPPED}")
 
 
 def main(argv: list[str]) -> None:
@@ -900,7 +727,7 @@ def main(argv: list[str]) -> None:
     for name in STAGE_PHASES[cfg.stage] if cfg.preset == "shapes" else []:  # bad --shapes_* values stop the
         shapes_stage_data(cfg, name)  # run now, not at the stage they concern
     if cfg.preset == "shapes" and cfg.tower_steps > 0 and cfg.stage in ("1", "all") and not cfg.init:
-        pretrain_towers(cfg, rank, device)
+        pretrain_shapes_towers(cfg, rank, device)
     for name in STAGE_PHASES[cfg.stage]:
         train_phase(cfg, resolve_phase(cfg, name), rank, world, device)
     if dist.is_initialized():

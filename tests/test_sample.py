@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import serving
+from conftest import load, serving
 from PIL import Image
 
-import data
 import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +29,7 @@ BOX_ANSWER = "The cup [0.100,0.200,0.500,0.600] and the table [0.000,0.000,1.000
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    return sample.load(ckpt)
+    return load(ckpt)
 
 
 @pytest.fixture
@@ -66,7 +65,7 @@ def test_cli_answers_about_a_real_photo_and_saves_the_attention_map(ckpt, loaded
 def test_cli_draws_and_prints_the_boxes_of_the_answer(ckpt, loaded, photo, tmp_path, capsys, monkeypatch):
     model, tok = loaded
     monkeypatch.setattr(model, "generate", scripted(model, tok, BOX_ANSWER))
-    monkeypatch.setattr(sample, "load", lambda ckpt, device="cpu": (model, tok))
+    monkeypatch.setattr(sample.TinyGroundingGPT, "from_pretrained", lambda ckpt, device="cpu": model)
     out_path = str(tmp_path / "drawn.png")
     sample.main([photo, "Where is the cup?", "--ckpt", ckpt, "--out", out_path, "--attn", "coords"])
     out = capsys.readouterr().out.splitlines()
@@ -169,21 +168,6 @@ def test_attention_map_errors_say_what_is_missing(loaded, monkeypatch):
     with pytest.raises(ValueError, match="needs an image"):
         sample.attention_map(text_only, "text")
 
-
-def test_a_model_reading_the_image_after_the_question(loaded, monkeypatch):
-    model, tok = loaded
-    monkeypatch.setattr(model.config, "image_after_question", True)
-    monkeypatch.setattr(model, "generate", scripted(model, tok, "[0.100,0.200,0.500,0.600]"))
-    session = sample.Session(model, tok, sample.open_image(PHOTO))
-    session.ask("Where is the cup?")
-    prompt = session.last["prompt_ids"]
-    n_image, n_object = model.num_image_tokens, model.config.object_tokens
-    assert prompt == data.encode_prompt(tok, "Where is the cup?\n<image>", n_image, n_object)
-    assert sample.attention_map(session, "coords").shape == (8, 8)
-    with pytest.raises(ValueError, match="before the image"):
-        sample.attention_map(session, "text")
-    session.ask("And the table?")  # a later turn's words come after the image
-    assert sample.attention_map(session, "text").shape == (8, 8)
 
 
 def test_heat_map_zero_keeps_the_image_and_one_turns_it_red():

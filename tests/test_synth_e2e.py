@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 import requests
-from conftest import serving
+from conftest import load, serving
 
 import data
 import sample
@@ -99,7 +99,7 @@ def scripted_generate(model, tok, scenes: dict):
 
 @pytest.fixture
 def server(ckpt, scenes, monkeypatch):
-    model, tok = sample.load(ckpt)
+    model, tok = load(ckpt)
     monkeypatch.setattr(model, "generate", scripted_generate(model, tok, scenes[1]))
     model.config.llm.max_position_embeddings = 4096  # it plays a VLM whose context holds synth's prompts
     with serving(model, tok, "tiny-scripted") as url:

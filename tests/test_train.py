@@ -304,8 +304,7 @@ def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
     ]
     # stage 1 from the init model: pretrain changes only the projector, finetune the projector and the LLM
     run(["--stage=1", f"--init={init_dir}", f"--data1={tmp_path / 'stage2.jsonl'}", *common])
-    log = run(["--stage=2", f"--data2={tmp_path / 'stage2.jsonl'}", "--image_after_question", *common])
-    assert "stage2: the init model read image_after_question=False; this phase trains (and exports) True" in log
+    run(["--stage=2", f"--data2={tmp_path / 'stage2.jsonl'}", *common])
     before = load_file(os.path.join(init_dir, "model.safetensors"))
     pretrain, stage1, stage2 = weights(out, "stage1-pretrain"), weights(out, "stage1"), weights(out, "stage2")
 
@@ -319,27 +318,18 @@ def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
     assert changed(pretrain, stage1, "llm.") and not changed(pretrain, stage1, "encoder.")
     assert changed(stage1, stage2, "llm.") and changed(stage1, stage2, "projector.")
     assert not changed(stage1, stage2, "encoder.")  # stage 2 started from stage 1's export, towers frozen
-    # the prompt layout a phase trained with travels in its export, for eval.py and sample.py
-    def image_after_question(phase):
-        with open(out / phase / "config.json") as f:
-            return json.load(f)["image_after_question"]
-
-    assert not image_after_question("stage1") and image_after_question("stage2")
 
 
-@pytest.mark.parametrize("digits", [False, True])
-def test_shapes_towers_are_pretrained_then_frozen(tmp_path, digits):
-    out, steps = tmp_path / "run", 8 if digits else 24  # the digit terms: that they are trained and logged
+def test_shapes_towers_are_pretrained_then_frozen(tmp_path):
+    out, steps = tmp_path / "run", 24
     log = run([*COMMON, "--stage=1", f"--out_dir={out}", f"--tower_steps={steps}", "--shapes_samples=16,16,16,16",
-               "--batch_size=8", "--max_steps=1", f"--tower_digits={digits}"])
-    assert ("tenths" in log) == digits
+               "--batch_size=8", "--max_steps=1"])
     tower_losses = [float(x) for x in re.findall(rf"^towers +\d+/{steps} \| loss ([0-9.]+)", log, re.M)]
     assert len(tower_losses) == steps
-    if not digits:
-        assert sum(tower_losses[-5:]) < 0.8 * sum(tower_losses[:5]), tower_losses  # the dense objective learns
+    assert sum(tower_losses[-5:]) < 0.8 * sum(tower_losses[:5]), tower_losses  # the dense objective learns
     towers, stage1 = weights(out, "towers"), weights(out, "stage1")
     torch.manual_seed(1337)  # the run's seed: the same random init the tower pretraining started from
-    fresh = train.new_shapes_model(train.TrainConfig(preset="shapes", max_len=256)).state_dict()
+    fresh = shapes.new_model(256).state_dict()
     assert all(torch.equal(towers[k], fresh[k]) for k in towers if k.startswith("llm."))  # same init, LM untouched
     encoder = [k for k in towers if k.startswith("encoder.")]
     assert any(not torch.equal(towers[k], fresh[k]) for k in encoder)  # pretraining changed the towers...
@@ -347,30 +337,6 @@ def test_shapes_towers_are_pretrained_then_frozen(tmp_path, digits):
     assert any(not torch.equal(towers[k], stage1[k]) for k in towers if k.startswith("llm."))
 
 
-def test_shapes_lm_size_flags_size_a_new_model_only(init_dir, tmp_path):
-    cfg = train.parse_args(["--preset=shapes", "--llm_width=64", "--llm_layers=2", "--llm_heads=2", "--llm_kv_heads=1"])
-    llm = train.new_shapes_model(cfg).config.llm
-    size = (llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers, llm.num_attention_heads,
-            llm.num_key_value_heads)
-    assert size == (64, 192, 2, 2, 1)
-    with pytest.raises(ValueError, match="num_attention_heads=3"):
-        train.new_shapes_model(train.parse_args(["--preset=shapes", "--llm_width=64", "--llm_heads=3"]))
-    # a later phase keeps its init model's LM, and says that the flags did not apply
-    out = tmp_path / "run"
-    log = run([*COMMON, "--stage=2", f"--init={init_dir}", f"--out_dir={out}", "--shapes_samples=8,8,8,8",
-               "--batch_size=8", "--max_steps=1", "--llm_width=64"])
-    assert "stage2: the init model's LM (width, blocks, heads, KV heads) is (128, 4, 4, 2)" in log
-    with open(out / "stage2" / "config.json") as f:
-        assert json.load(f)["llm"]["hidden_size"] == 128
-
-
-def test_coordinate_digits_are_the_digits_the_box_text_has():
-    boxes = torch.tensor([[0.372, 0.0, 1.0, 0.999], [0.05, 0.1, 0.5049, 0.6]])
-    tenths, hundredths = train.coordinate_digits(boxes)
-    texts = [[f"{c:.3f}" for c in row] for row in boxes.tolist()]  # "0.372", "1.000", ...
-    assert tenths.tolist() == [[10 if t[0] == "1" else int(t[2]) for t in row] for row in texts]
-    assert hundredths.tolist() == [[int(t[3]) for t in row] for row in texts]
-    assert tenths.tolist() == [[3, 0, 10, 9], [0, 1, 5, 6]]
 
 
 def test_missing_previous_stage_says_what_to_run(tmp_path):
