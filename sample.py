@@ -3,13 +3,27 @@
     python sample.py assets/shapes_demo.png "Output the coordinate of the circle"
     python sample.py photo.jpg "What is in <object>?" --object 0.1,0.2,0.5,0.6 --attn object
     python sample.py photo.jpg                                   # interactive chat about the image
-    python sample.py --serve --port 8000                         # POST /v1/chat/completions
+    python sample.py --serve --port 8000                         # POST /v1/chat/completions, and the
+                                                                 # demo page at http://127.0.0.1:8000/
 
 Every box in an answer is drawn on the image (saved as IMAGE.boxes.png, or --out) and printed in pixels.
 `--attn` saves the paper's interpretability map (Sec. 5.2): the last layer's attention from an object's
 tokens (the answer's coordinates, the question's text, or the object image) to the image patches, summed
 over heads and tokens, normalized, drawn over the image. The default checkpoint is the shipped shapes model:
 it knows only the shapes world, but the CLI runs on any photo.
+
+The server also serves a demo page at / (assets/demo.html: one file, plain JavaScript and a canvas, nothing
+fetched from elsewhere): pick, drop or choose an example image, ask, see every box of the answer drawn and
+labelled, drag boxes on the image to ask about them (<object>), overlay the attention map, ask follow-ups.
+It sends the same requests as any client, with two extensions of the OpenAI format:
+    "objects": [[x1, y1, x2, y2], ...]   request: the box of each <object> in the messages, in order
+                                         (normalized on the image padded to a square)
+    "attention": "coords"|"text"|"object"  request: also return the attention map from that source (as --attn)
+    "attention": [[float, ...], ...]     response: that map, [side][side] in [0, 1] on the padded square, or
+                                         null with "attention_error" saying why (e.g. no box in the answer)
+The page's other routes: GET /demo/config.json (the server's limits, the examples' names) and
+GET /demo/examples/NAME, one of a fixed list of shipped images (EXAMPLES; a request never names a file).
+The server binds 127.0.0.1 unless --host says otherwise, and never fetches a URL: images come as data URLs.
 """
 
 import argparse
@@ -17,12 +31,14 @@ import base64
 import io
 import json
 import math
+import mimetypes
 import os
 import resource
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -313,6 +329,7 @@ class ChatServer:
             raise RequestError(400, "'objects' are boxes on the image: send an image too")
         if not isinstance(request.get("stream", False), bool):
             raise RequestError(400, f"stream must be true or false, got {request['stream']!r}")
+        attention = requested_attention(request)  # our extension: the demo page's heat map
         with self.lock:
             session = Session(self.model, self.tok, image, objects, system)
             session.history = turns[:-1]
@@ -323,6 +340,7 @@ class ChatServer:
             self.count += 1
             prompt, completion = len(session.last["prompt_ids"]), len(session.last["answer_ids"])
             pieces = self.token_texts(session.last["answer_ids"])
+            extra = attention_field(session, attention) if attention else {}  # the model's, under the lock
         response = {
             "id": f"chatcmpl-{self.count}",
             "object": "chat.completion",
@@ -337,7 +355,7 @@ class ChatServer:
             ],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
-        return response, pieces
+        return response | extra, pieces
 
 
     def token_texts(self, ids: list[int]) -> list[str]:
@@ -363,6 +381,60 @@ def stream_chunks(response: dict, pieces: list[str]) -> list[dict]:
             + [{**chunk({}, choice["finish_reason"]), "usage": response["usage"]}])
 
 
+# ----------------------------------------------------------------------------- the demo page
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEMO_PAGE = os.path.join(ASSETS, "demo.html")
+EXAMPLES = {  # the only files the page's routes read: name in the URL -> path under assets/ (an allow-list)
+    "shapes_demo.png": "shapes_demo.png",
+    "coffee.jpg": "photos/coffee.jpg",
+    "chelsea.jpg": "photos/chelsea.jpg",
+    "astronaut.jpg": "photos/astronaut.jpg",
+}
+# The page's own code only: inline script and style, requests to this server, images from data:/blob: URLs.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+               "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+
+
+def requested_attention(request: dict) -> str | None:
+    """The request's "attention" (our extension): None, or the source of the map to return with the answer."""
+    source = request.get("attention")
+    if source not in (None, "coords", "text", "object"):
+        raise RequestError(400, f"attention must be \"coords\", \"text\" or \"object\", got {source!r}")
+    if source and request.get("stream"):  # the chunks carry text only; the map would have nowhere to go
+        raise RequestError(400, "attention is returned without stream only")
+    return source
+
+
+def attention_field(session: Session, source: str) -> dict:
+    """The response's "attention": the map of the answer just given (attention_map), [side][side] floats on the
+    padded square. A map that cannot be made (no box in the answer, no <object>, no image) does not fail the
+    request, whose answer is good: it is null, with "attention_error" saying why."""
+    try:
+        heat = attention_map(session, source)
+    except ValueError as e:
+        return {"attention": None, "attention_error": str(e).replace("--attn", "attention")}
+    return {"attention": [[round(v, 4) for v in row] for row in heat.tolist()]}
+
+
+def demo_response(chat: ChatServer, path: str) -> tuple[str, bytes] | None:
+    """A GET of the demo page -> (content type, body); None for any other path. / is assets/demo.html,
+    /demo/config.json what the page needs to know of this server, /demo/examples/NAME one of EXAMPLES."""
+    path = urlsplit(path).path
+    if path in ("/", "/index.html"):
+        with open(DEMO_PAGE, "rb") as f:  # read at each request: an edited page shows on reload
+            return "text/html; charset=utf-8", f.read()
+    if path == "/demo/config.json":
+        config = {"model": chat.name, "max_body": MAX_BODY, "max_image_pixels": chat.max_image_pixels,
+                  "examples": list(EXAMPLES)}
+        return "application/json", json.dumps(config).encode()
+    name = path.removeprefix("/demo/examples/")
+    if name != path and name in EXAMPLES:  # a name looked up, never joined to a path: no ../ can escape
+        with open(os.path.join(ASSETS, EXAMPLES[name]), "rb") as f:
+            return mimetypes.guess_type(name)[0], f.read()
+    return None
+
+
 def make_handler(server: ChatServer):
     class Handler(BaseHTTPRequestHandler):
         def reply(self, status: int, body: dict):
@@ -372,6 +444,17 @@ def make_handler(server: ChatServer):
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
+
+        def send_page(self, content_type: str, body: bytes):
+            """A file of the demo page; the HTML under PAGE_POLICY (it may load nothing from elsewhere)."""
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            if content_type.startswith("text/html"):
+                self.send_header("Content-Security-Policy", PAGE_POLICY)
+            self.end_headers()
+            self.wfile.write(body)
 
         def stream(self, chunks: list[dict]):
             """Server-sent events, one `data:` line per chunk, then `data: [DONE]`; the connection closes."""
@@ -393,6 +476,8 @@ def make_handler(server: ChatServer):
                 self.reply(200, {"object": "list", "data": [{"id": server.name, "object": "model"}]})
             elif self.path == "/health":
                 self.reply(200, {"status": "ok"})
+            elif page := demo_response(server, self.path):
+                self.send_page(*page)
             else:
                 self.error(404, f"no route {self.path}; use POST /v1/chat/completions")
 
@@ -498,6 +583,7 @@ def serve(model: TinyGroundingGPT, tok: data.Tokenizer, name: str, host: str, po
     httpd = BoundedHTTPServer((host, port), make_handler(ChatServer(model, tok, name, max_image_pixels)),
                               max_connections)
     print(f"serving {name} on http://{host}:{httpd.server_address[1]}/v1/chat/completions", flush=True)
+    print(f"demo page on http://{host}:{httpd.server_address[1]}/", flush=True)
     return httpd
 
 

@@ -475,3 +475,57 @@ def test_server_under_hostile_load_keeps_answering_a_normal_client(ckpt):
             s.close()
         proc.kill()
         proc.wait()
+
+
+# ----------------------------------------------------------------------------- the demo page's routes
+
+
+def test_server_serves_the_demo_page_and_only_its_examples(server):
+    r = requests.get(server + "/", timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "/v1/chat/completions" in r.text and "<canvas" in r.text
+    policy = r.headers["Content-Security-Policy"]  # the page may load nothing from elsewhere
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    assert not re.search(r"(src|href)=\"(https?:)?//", r.text)  # nor does it try: it works offline
+    config = requests.get(server + "/demo/config.json", timeout=10).json()
+    assert config["model"] == "tiny" and config["max_body"] == sample.MAX_BODY
+    assert config["examples"] == list(sample.EXAMPLES) and "shapes_demo.png" in config["examples"]
+    for name in config["examples"]:
+        r = requests.get(f"{server}/demo/examples/{name}", timeout=10)
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("image/"), name
+        with open(os.path.join(ROOT, "assets", sample.EXAMPLES[name]), "rb") as f:
+            assert r.content == f.read()
+    for path in ("/demo/examples/../sample.py", "/demo/examples/%2e%2e/sample.py", "/demo/examples/photos/LICENSE.txt",
+                 "/demo/examples/", "/demo/examples//etc/passwd", "/demo/examples/tokenizer.json", "/demo.html",
+                 "/assets/demo.html"):
+        r = requests.get(server + path, timeout=10)
+        assert r.status_code == 404 and r.json()["error"]["code"] == 404, path
+    reply = raw_request(server, b"GET /demo/examples/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n")  # not normalized
+    assert reply.startswith(b"HTTP/1.0 404"), reply[:100]
+
+
+def test_server_returns_the_attention_map_on_request(server, loaded, monkeypatch):
+    model, tok = loaded
+    image = png_data_url(Image.open(PHOTO).convert("RGB").resize((96, 64)))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                             {"type": "text", "text": "Where is the cup?"}]}]
+    monkeypatch.setattr(model, "generate", scripted(model, tok, "[0.100,0.200,0.500,0.600]"))
+    body = chat(server, {"messages": messages, "attention": "coords"}).json()
+    session = sample.Session(model, tok, sample.decode_data_url(image))
+    session.ask("Where is the cup?")
+    expected = sample.attention_map(session, "coords")
+    assert torch.allclose(torch.tensor(body["attention"]), expected, atol=1e-4) and "attention_error" not in body
+    assert "attention" not in chat(server, {"messages": messages}).json()  # only when asked
+    body = chat(server, {"messages": messages, "attention": "object"}).json()  # the answer stands; the map cannot
+    assert body["choices"][0]["message"]["content"] == "[0.100,0.200,0.500,0.600]"
+    assert body["attention"] is None and "attention object needs an <object>" in body["attention_error"]
+    for bad in ({"attention": "pixels"}, {"attention": 1}, {"attention": "text", "stream": True}):
+        r = chat(server, {"messages": messages, **bad})
+        assert r.status_code == 400 and "attention" in r.json()["error"]["message"], bad
+
+
+@pytest.mark.parametrize("url", ["https://example.com/a.png", "http://127.0.0.1:1/a.png", "file:///etc/passwd"])
+def test_server_never_fetches_an_image_url(server, url):
+    r = chat(server, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                                {"type": "text", "text": "What is it?"}]}]})
+    assert r.status_code == 400 and "must be a data URL" in r.json()["error"]["message"]
