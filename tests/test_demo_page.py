@@ -17,6 +17,7 @@ import threading
 
 import pytest
 import requests
+from conftest import load
 from PIL import Image
 
 import data
@@ -48,7 +49,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 @pytest.fixture(scope="module")
 def server():
     """`sample.py --serve --max-image-pixels 200000` on the shipped model, in a thread on a free loopback port."""
-    model, tok = sample.load(sample.DEFAULT_CKPT)
+    model, tok = load(sample.DEFAULT_CKPT)
     httpd = sample.serve(model, tok, "shapes-model", "127.0.0.1", 0, max_image_pixels=MAX_PIXELS)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
