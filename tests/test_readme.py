@@ -188,3 +188,21 @@ def serve_and_ask(argv: list[str], cwd, env) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_every_function_the_readme_names_exists():
+    """The paper -> code map and the rest of the README name functions as `file.name`: each must exist, so a
+    rename cannot leave the map pointing at nothing."""
+    import importlib
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    modules = "encoders|model|data|train|eval|sample|synth|shapes|download"
+    names = set(re.findall(rf"`(?:python )?((?:{modules})\.(?!py\b)[A-Za-z_][\w.]*)", text))
+    assert len(names) > 40  # the map itself
+    missing = []
+    for name in sorted(names):
+        obj = importlib.import_module(name.split(".")[0])
+        for attr in name.split(".")[1:]:
+            obj = getattr(obj, attr, None)
+        missing += [name] if obj is None else []
+    assert not missing
