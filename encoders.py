@@ -310,15 +310,47 @@ def checkpoint_files(path: str) -> tuple[dict[str, str], Callable[[str], torch.T
                             "(+ shards) or pytorch_model.bin (download the snapshot with download.py)")
 
 
+def load_strict(module: nn.Module, path: str, dtype, device, names: dict[str, str] | None = None,
+                key=lambda k: k, skip=lambda k: False, what: str = "the model built from its config.json"):
+    """Fill every entry of module.state_dict() from the checkpoint in directory `path` (any Hub layout, see
+    checkpoint_files), floats cast to `dtype`; the module may live on the meta device (tensors are assigned).
+    names: our key -> the checkpoint's (default: the same); key(k): a checkpoint key as `names` spells it;
+    skip(k): checkpoint tensors deliberately unused. Every other checkpoint tensor must be used, every entry
+    filled, every shape equal (up to leading 1s, as DINOv2 stores its tables); else a ValueError names the
+    keys and files."""
+    expected = module.state_dict()
+    names = names or {k: k for k in expected}
+    ours_of = {theirs: ours for ours, theirs in names.items()}
+    sources, get = checkpoint_files(path)
+    state, unexpected, bad, bad_keys = {}, [], [], set()
+    squeeze = lambda shape: list(shape)[next((i for i, n in enumerate(shape) if n != 1), len(shape)):]
+    for stored, file in sources.items():
+        if skip(key(stored)):
+            continue
+        if (ours := ours_of.get(key(stored))) is None:
+            unexpected.append(f"{stored} (in {file})")
+            continue
+        t, want = get(stored), expected[ours]
+        if squeeze(t.shape) != squeeze(want.shape) or t.is_floating_point() != want.is_floating_point():
+            bad.append(f"{stored} in {file}: {list(t.shape)} {t.dtype}, expected {list(want.shape)} "
+                       f"{'floating point' if want.is_floating_point() else want.dtype}")
+            bad_keys.add(ours)
+            continue
+        state[ours] = t.reshape(want.shape).to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    missing = sorted(names[k] for k in expected if k not in state and k not in bad_keys)
+    problems = {f"missing tensors, in none of {sorted(set(sources.values()))}": missing,
+                "unexpected tensors": unexpected, "wrong shapes or dtypes": bad}
+    if any(problems.values()):
+        listing = lambda keys: f"{keys[:10]}" + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+        raise ValueError(f"weights in {path} do not match {what}:\n  " +
+                         "\n  ".join(f"{problem}: {listing(keys)}" for problem, keys in problems.items() if keys))
+    module.load_state_dict(state, strict=True, assign=True)
+
+
 def load_vision_tower(path: str, dtype=torch.float32, device="cpu", image_size: int | None = None,
                       feature_layer: int = -2) -> VisionTower:
-    """Load a CLIP or DINOv2 tower from a Hub-style directory. Every checkpoint tensor is consumed or on
-    SKIP, every parameter is filled, every shape checked; otherwise a ValueError lists the offending keys."""
+    """Load a CLIP or DINOv2 tower from a Hub-style directory (load_strict: every tensor accounted for)."""
     config = read_config(path, image_size, feature_layer)
-    sources, get = checkpoint_files(path)
-    # CLIPModel (and CLIPVisionModel saved by transformers < 5) prefix the vision tower with `vision_model.`
-    strip = lambda k: k.removeprefix("vision_model.") if config.kind == "clip" else k
-    available = {strip(k): k for k in sources}
     with torch.device("meta"):
         tower = VisionTower(config)
     wanted = checkpoint_names(config)
@@ -327,41 +359,12 @@ def load_vision_tower(path: str, dtype=torch.float32, device="cpu", image_size: 
               if ours.startswith("blocks.") and int(ours.split(".")[1]) >= config.blocks_run}
     wanted = {ours: theirs for ours, theirs in wanted.items() if theirs not in beyond}
     assert set(wanted) == set(dict(tower.named_parameters())), "checkpoint_names out of sync with VisionTower"
-
-    state, missing, bad_shapes = {}, [], []
-    for ours, theirs in wanted.items():
-        if theirs not in available:
-            missing.append(theirs)
-            continue
-        key, expected = available[theirs], tower.get_parameter(ours).shape
-        tensor = get(key)
-        # DINOv2 stores cls_token / position_embeddings with leading dims of 1; nothing else may differ
-        stored = tensor.shape
-        while len(stored) > len(expected) and stored[0] == 1:
-            stored = stored[1:]
-        if stored != expected:
-            bad_shapes.append(f"{key} in {sources[key]}: {list(tensor.shape)}, expected {list(expected)}")
-            continue
-        state[ours] = tensor.reshape(expected).to(device=device, dtype=dtype)
-    used = set(wanted.values()) | beyond
-    skip = re.compile("|".join(f"(?:{p})" for p in SKIP[config.kind]))
-    unexpected = [f"{available[k]} (in {sources[available[k]]})" for k in sorted(available)
-                  if k not in used and not skip.fullmatch(k)]
-
-    problems = []
-    if missing:
-        note = " (vision_model. prefix optional)" if config.kind == "clip" else ""
-        files = sorted(set(sources.values()))
-        problems.append(f"missing tensors{note}, in none of {files}: {sorted(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors (neither used nor on the skip list): {unexpected}")
-    if bad_shapes:
-        problems.append(f"wrong shapes: {bad_shapes}")
-    if problems:
-        raise ValueError(f"checkpoint {path} does not match the {config.kind} tower of its config.json "
-                         f"({config.num_layers} layers, width {config.hidden_size}):\n  "
-                         + "\n  ".join(problems))
-    tower.load_state_dict(state, strict=True, assign=True)
+    unused = re.compile("|".join(f"(?:{p})" for p in SKIP[config.kind]))
+    # CLIPModel (and CLIPVisionModel saved by transformers < 5) prefix the vision tower with `vision_model.`
+    load_strict(tower, path, dtype, device, wanted, key=lambda k: k.removeprefix("vision_model."),
+                skip=lambda k: k in beyond or bool(unused.fullmatch(k)),
+                what=f"the {config.kind} tower of its config.json ({config.num_layers} layers, width "
+                     f"{config.hidden_size})")
     return tower.eval()
 
 

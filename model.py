@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors.torch import save_file
 
-from encoders import MultiScaleEncoder, VisionConfig, checkpoint_files
+from encoders import MultiScaleEncoder, VisionConfig, load_strict
 
 # ----------------------------------------------------------------------------- Qwen2.5 language model
 
@@ -366,39 +366,6 @@ def init_weights(module: nn.Module):
             nn.init.zeros_(module.bias)
 
 
-# ----------------------------------------------------------------------------- strict checkpoint loading
-
-
-def load_strict(model: nn.Module, path: str, dtype, device, skip: set[str] = frozenset()):
-    """Fill every entry of model.state_dict() from the checkpoint in directory `path` (any Hub layout, see
-    encoders.checkpoint_files), floats cast to `dtype`. Every checkpoint tensor must be used or in `skip`,
-    every entry filled, every shape equal; otherwise a ValueError names the keys and files. The model may
-    live on the meta device (tensors are assigned)."""
-    expected = model.state_dict()
-    sources, get = checkpoint_files(path)
-    state, unexpected, bad_shapes, bad_keys = {}, [], [], set()
-    for key, file in sources.items():
-        if key in skip:
-            continue
-        if key not in expected:
-            unexpected.append(f"{key} (in {file})")
-            continue
-        t = get(key)
-        if t.shape != expected[key].shape or t.is_floating_point() != expected[key].is_floating_point():
-            bad_shapes.append(f"{key} in {file}: {list(t.shape)} {t.dtype}, expected {list(expected[key].shape)} "
-                              f"{'floating point' if expected[key].is_floating_point() else expected[key].dtype}")
-            bad_keys.add(key)
-            continue
-        state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    missing = sorted(set(expected) - set(state) - bad_keys)
-    problems = {"missing tensors": missing, "unexpected tensors": unexpected, "wrong shapes or dtypes": bad_shapes}
-    if any(problems.values()):
-        listing = lambda keys: f"{keys[:10]}" + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
-        raise ValueError(f"weights in {path} do not match the model built from its config.json:\n  " +
-                         "\n  ".join(f"{what}: {listing(keys)}" for what, keys in problems.items() if keys))
-    model.load_state_dict(state, strict=True, assign=True)
-
-
 def load_qwen2(path: str, dtype=torch.float32, device="cpu") -> Qwen2:
     """Qwen2 / Qwen2.5 from a Hub-style directory: config.json + model.safetensors, or shards + index, or
     pytorch_model.bin."""
@@ -410,7 +377,7 @@ def load_qwen2(path: str, dtype=torch.float32, device="cpu") -> Qwen2:
     with torch.device("meta"):
         model = Qwen2(config)
     # a tied checkpoint may still carry lm_head.weight (a copy of the embedding): deliberately unused
-    load_strict(model, path, dtype, device, skip={"lm_head.weight"} if config.tie_word_embeddings else set())
+    load_strict(model, path, dtype, device, skip=lambda k: config.tie_word_embeddings and k == "lm_head.weight")
     return model.eval()
 
 

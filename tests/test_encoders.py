@@ -195,7 +195,7 @@ def test_unexpected_key_is_named_with_its_file(dino_copy):
 def test_wrong_shape_is_named(dino_copy):
     edit_weights(dino_copy, lambda s: s.update({"embeddings.patch_embeddings.projection.weight":
                                                 torch.zeros(32, 3, 2, 2)}))
-    expected = r"projection\.weight in .*: \[32, 3, 2, 2\], expected \[32, 3, 4, 4\]"
+    expected = r"projection\.weight in .*: \[32, 3, 2, 2\] torch.float32, expected \[32, 3, 4, 4\]"
     with pytest.raises(ValueError, match=expected):
         load_vision_tower(str(dino_copy))
 
