@@ -249,7 +249,7 @@ def check_box(box, where: str):
 
 
 def validate_sample(sample, where: str, image_root: str = "", check_file: bool = True):
-    """Raise SampleError naming `where` if the sample breaks the format (see SPEC: the sample format)."""
+    """Raise SampleError naming `where` if the sample breaks the format (the format: README, "Data")."""
     if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
         raise SampleError(where, "bad sample", "expected an object with a 'conversations' list")
     image = sample.get("image")
@@ -839,7 +839,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Items of SFTDataset -> the batch contract of the SPEC (right padding with the tokenizer's pad id)."""
+    """Items of SFTDataset -> the batch contract (right padding with the tokenizer's pad id)."""
     longest = max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((len(items), longest), items[0]["pad_id"], dtype=torch.long)
     labels = torch.full((len(items), longest), IGNORE, dtype=torch.long)

@@ -435,111 +435,108 @@ def demo_response(chat: ChatServer, path: str) -> tuple[str, bytes] | None:
     return None
 
 
-def make_handler(server: ChatServer):
-    class Handler(BaseHTTPRequestHandler):
-        def reply(self, status: int, body: dict):
-            payload = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def send_page(self, content_type: str, body: bytes):
-            """A file of the demo page; the HTML under PAGE_POLICY (it may load nothing from elsewhere)."""
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("X-Content-Type-Options", "nosniff")
-            if content_type.startswith("text/html"):
-                self.send_header("Content-Security-Policy", PAGE_POLICY)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def stream(self, chunks: list[dict]):
-            """Server-sent events, one `data:` line per chunk, then `data: [DONE]`; the connection closes."""
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            for chunk in chunks:
-                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-
-        def error(self, status: int, message: str):
-            self.reply(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
-
-        def do_GET(self):
-            if self.path.rstrip("/") in ("/v1/models", "/models"):
-                self.reply(200, {"object": "list", "data": [{"id": server.name, "object": "model"}]})
-            elif self.path == "/health":
-                self.reply(200, {"status": "ok"})
-            elif page := demo_response(server, self.path):
-                self.send_page(*page)
-            else:
-                self.error(404, f"no route {self.path}; use POST /v1/chat/completions")
-
-        def do_POST(self):
-            if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-                return self.error(404, f"no route {self.path}; use POST /v1/chat/completions")
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                return self.error(400, "Content-Length must be a number")
-            if length < 0:  # rfile.read(-1) would wait for the client to close the connection
-                return self.error(400, "Content-Length must not be negative")
-            if length > MAX_BODY:
-                return self.error(413, f"request larger than {MAX_BODY >> 20} MiB")
-            try:
-                body = self.read_body(length)
-            except TimeoutError:
-                self.close_connection = True  # a client too slow to send its request: drop it
-                return
-            try:
-                request = json.loads(body or b"null")
-            except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser's depth
-                return self.error(400, f"the body is not JSON ({type(e).__name__}: {str(e)[:200]})")
-            try:
-                response, pieces = server.complete(request)
-                if request.get("stream"):
-                    return self.stream(stream_chunks(response, pieces))
-                self.reply(200, response)
-            except RequestError as e:
-                self.error(e.status, str(e))
-            except Exception as e:  # a bad request must never take the server down
-                self.error(500, f"{type(e).__name__}: {e}")
-
-        def read_body(self, length: int) -> bytes:
-            """The body, within BODY_SECONDS in all: a client sending a byte now and then cannot hold a worker
-            for long (the socket's own timeout bounds each read only)."""
-            deadline, parts, left = time.monotonic() + BODY_SECONDS, [], length
-            while left:
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-                part = self.rfile.read1(min(left, 1 << 16))
-                if not part:
-                    raise TimeoutError  # the client closed before sending it all
-                parts.append(part)
-                left -= len(part)
-            return b"".join(parts)
-
-        def refuse_method(self):
-            self.error(405, f"{self.command} is not served; use GET /v1/models or POST /v1/chat/completions")
-
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse_method
-
-        def log_message(self, fmt, *args):
-            sys.stderr.write(f"[serve] {self.address_string()} {fmt % args}\n")
-
-    Handler.timeout = IDLE_SECONDS  # per socket read (the request line, headers, each part of a body)
-    return Handler
-
-
 MAX_BODY = 32 << 20  # bytes of a request
 IDLE_SECONDS = 20  # a connection silent this long is closed
 BODY_SECONDS = 60  # the most a request's body may take to arrive
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    """The routes of --serve: the API (GET /v1/models, POST /v1/chat/completions) and the demo page. serve()
+    makes a subclass that sets `chat`, the ChatServer that answers."""
+
+    chat: ChatServer
+    timeout = IDLE_SECONDS  # per socket read (the request line, headers, each part of a body)
+
+    def send(self, status: int, content_type: str, body: bytes):
+        """One whole response; the demo page's HTML under PAGE_POLICY (it may load nothing from elsewhere)."""
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if content_type.startswith("text/html"):
+            self.send_header("Content-Security-Policy", PAGE_POLICY)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def reply(self, status: int, body: dict):
+        self.send(status, "application/json", json.dumps(body).encode())
+
+    def stream(self, chunks: list[dict]):
+        """Server-sent events, one `data:` line per chunk, then `data: [DONE]`; the connection closes."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for chunk in chunks:
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def error(self, status: int, message: str):
+        self.reply(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
+
+    def do_GET(self):
+        if self.path.rstrip("/") in ("/v1/models", "/models"):
+            self.reply(200, {"object": "list", "data": [{"id": self.chat.name, "object": "model"}]})
+        elif self.path == "/health":
+            self.reply(200, {"status": "ok"})
+        elif page := demo_response(self.chat, self.path):
+            self.send(200, *page)
+        else:
+            self.error(404, f"no route {self.path}; use POST /v1/chat/completions")
+
+    def do_POST(self):
+        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+            return self.error(404, f"no route {self.path}; use POST /v1/chat/completions")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return self.error(400, "Content-Length must be a number")
+        if length < 0:  # rfile.read(-1) would wait for the client to close the connection
+            return self.error(400, "Content-Length must not be negative")
+        if length > MAX_BODY:
+            return self.error(413, f"request larger than {MAX_BODY >> 20} MiB")
+        try:
+            body = self.read_body(length)
+        except TimeoutError:
+            self.close_connection = True  # a client too slow to send its request: drop it
+            return
+        try:
+            request = json.loads(body or b"null")
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser's depth
+            return self.error(400, f"the body is not JSON ({type(e).__name__}: {str(e)[:200]})")
+        try:
+            response, pieces = self.chat.complete(request)
+            if request.get("stream"):
+                return self.stream(stream_chunks(response, pieces))
+            self.reply(200, response)
+        except RequestError as e:
+            self.error(e.status, str(e))
+        except Exception as e:  # a bad request must never take the server down
+            self.error(500, f"{type(e).__name__}: {e}")
+
+    def read_body(self, length: int) -> bytes:
+        """The body, within BODY_SECONDS in all: a client sending a byte now and then cannot hold a worker
+        for long (the socket's own timeout bounds each read only)."""
+        deadline, parts, left = time.monotonic() + BODY_SECONDS, [], length
+        while left:
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            part = self.rfile.read1(min(left, 1 << 16))
+            if not part:
+                raise TimeoutError  # the client closed before sending it all
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+    def refuse_method(self):
+        self.error(405, f"{self.command} is not served; use GET /v1/models or POST /v1/chat/completions")
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse_method
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write(f"[serve] {self.address_string()} {fmt % args}\n")
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):
@@ -580,8 +577,8 @@ def serve(model: TinyGroundingGPT, tok: data.Tokenizer, name: str, host: str, po
     want = max_connections + 64  # every connection holds a file descriptor (often 1024 by default)
     if soft < want and (hard == resource.RLIM_INFINITY or hard >= want):
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    httpd = BoundedHTTPServer((host, port), make_handler(ChatServer(model, tok, name, max_image_pixels)),
-                              max_connections)
+    handler = type("Handler", (ChatHandler,), {"chat": ChatServer(model, tok, name, max_image_pixels)})
+    httpd = BoundedHTTPServer((host, port), handler, max_connections)
     print(f"serving {name} on http://{host}:{httpd.server_address[1]}/v1/chat/completions", flush=True)
     print(f"demo page on http://{host}:{httpd.server_address[1]}/", flush=True)
     return httpd

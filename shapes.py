@@ -64,7 +64,7 @@ class SceneConfig:
     """Scene difficulty. A training preset can make a curriculum of it: one big object first, more later."""
     min_objects: int = 1
     max_objects: int = 4
-    min_size: float = 0.3  # object side / short side; a pre-project prototype's IoU rose only with big objects
+    min_size: float = 0.3  # object side / short side; tiny objects leave a 112 px model nothing to see
     max_size: float = 0.5
     min_side: int = 160  # the image's long side in pixels
     max_side: int = 320
@@ -128,7 +128,7 @@ _BACKGROUND_POOL = {}
 
 def _noisy_background(name: str) -> np.ndarray:
     """A NOISE_SIDE^2 noisy plane of one background colour, made once per process; a scene's background is a
-    window of it, so drawing costs a copy (a pre-project prototype drew noise per scene: 2.2 ms a sample)."""
+    window of it, so drawing costs a copy (drawing noise per scene cost 2.2 ms a sample)."""
     if name not in _BACKGROUND_POOL:
         noise = np.random.default_rng(0).integers(-14, 15, (NOISE_SIDE, NOISE_SIDE, 3))
         _BACKGROUND_POOL[name] = np.clip(noise + BACKGROUNDS[name], 0, 255).astype(np.uint8)
@@ -356,8 +356,8 @@ def pope_sample(scene: Scene, image, rng: random.Random) -> dict:
 
 
 # Stage 3 keeps REC, as LLaVA-v1.5-mix665k keeps RefCOCO/VG region data: without it the model forgets the short
-# answer format of "Output the coordinate of ..." (measured: 26% -> 5% testA Acc@0.5 after stage 3). 40% REC and
-# 10% (long) descriptions instead of 20% and 25%: 63.4% / 33.8% instead of 61.2% / 31.2% testA / testB (README).
+# answer format of "Output the coordinate of ..." (26% -> 5% testA without it). 40% REC and 10%
+# descriptions beat 20% and 25% (docs/experiments.md, "Stage 3").
 STAGE3_KINDS = {"conversation": 0.25, "description": 0.1, "pope": 0.25, "rec": 0.4}
 STAGE_NAMES = {"stage1-pretrain": 1, "stage1": 1, "1": 1, "stage2": 2, "2": 2, "stage3": 3, "3": 3}
 

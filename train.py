@@ -457,7 +457,7 @@ def draw_loss_curve(losses: list[float], path: str, title: str) -> None:
 
 
 def flops_per_token(model: TinyGroundingGPT, seq_len: int) -> float:
-    """6N + 12·L·H·Q·T for the LLM (REFERENCE §7); the towers' forward is small next to it and left out."""
+    """6N + 12·L·H·Q·T for the LLM (the usual MFU count); the towers' forward is small next to it and left out."""
     c = model.config.llm
     params = sum(p.numel() for p in model.llm.parameters())
     return 6 * params + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
@@ -498,7 +498,7 @@ def box_attention_loss(batch: dict, attn: torch.Tensor, tokenizer, image_token_i
     """For the rows whose answer starts with a box (REC): -log of the last layer's attention, mean over heads,
     on the image patches whose centres lie inside that box, at the `positions` positions that write the
     answer's first tokens; the mean over those rows (0 without any). attn: [B, heads, L, L]. The answer loss
-    alone never taught the shapes LM to look where the question points (README); this says where."""
+    alone never taught the shapes LM to look where the question points (docs/experiments.md); this says where."""
     ids, labels, terms = batch["input_ids"], batch["labels"], []
     for row in range(ids.shape[0]):
         answer = (labels[row] != -100).nonzero().flatten()
