@@ -5,6 +5,7 @@ Where a benchmark compares against `transformers`, that package is the reference
 imported inside the comparison only; the product never imports it.
 """
 
+import argparse
 import platform
 import sys
 
@@ -18,6 +19,16 @@ def machine() -> str:
 
 
 BENCHMARKS = {}  # name -> function(argv: list[str]); each section below registers itself
+
+
+def options(name: str, argv: list[str], **defaults) -> dict:
+    """One benchmark's --key=value options, typed by their defaults (argparse: an unknown key or a bad value is
+    an error; --help lists them with the benchmark's docstring)."""
+    parser = argparse.ArgumentParser(prog=f"bench.py {name}", description=BENCHMARKS[name].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, default in defaults.items():
+        parser.add_argument(f"--{key}", type=type(default), default=default, help=f"(default: {default})")
+    return vars(parser.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -36,12 +47,7 @@ def bench_encoders(argv: list[str]):
 
     from encoders import CLIP_L14_336, DINOV2_L14, MultiScaleEncoder, VisionConfig
 
-    opts = dict(batch=32, iters=3, warmup=1, cpu=int(not torch.cuda.is_available()))
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in opts or not value.isdigit():
-            sys.exit(f"bench encoders: unknown or non-integer option {arg!r}; options: {opts}")
-        opts[key] = int(value)
+    opts = options("encoders", argv, batch=32, iters=3, warmup=1, cpu=int(not torch.cuda.is_available()))
     batch, iters, warmup = opts["batch"], opts["iters"], opts["warmup"]
 
     def seconds(step, device) -> float:
@@ -164,12 +170,7 @@ def bench_synth(argv: list[str]):
 
     import synth
 
-    opts = dict(images=48, latency_ms=50)
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in opts or not value.isdigit():
-            sys.exit(f"bench synth: unknown or non-integer option {arg!r}; options: {opts}")
-        opts[key] = int(value)
+    opts = options("synth", argv, images=48, latency_ms=50)
     print(f"# {opts['images']} images of 640x480 per run, 6 requests per image, fake server on loopback")
     print("| latency/answer | workers | s | images/s | requests/s |")
     print("|---|---|---|---|---|")
@@ -221,13 +222,8 @@ def bench_decode(argv: list[str]):
     from model import Qwen2, Qwen2Config
 
     cuda = torch.cuda.is_available()
-    opts = dict(size="3b" if cuda else "tiny", prompt=600 if cuda else 64, new=128 if cuda else 32,
-                batches="1,16", iters=3, compile=int(cuda), hf_static=0)
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in opts:
-            sys.exit(f"bench decode: unknown option {arg!r}; options: {opts}")
-        opts[key] = type(opts[key])(value)
+    opts = options("decode", argv, size="3b" if cuda else "tiny", prompt=600 if cuda else 64,
+                   new=128 if cuda else 32, batches="1,16", iters=3, compile=int(cuda), hf_static=0)
     sizes = {
         "3b": Qwen2Config(),
         "0.5b": Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -341,13 +337,8 @@ def bench_train(argv: list[str]):
     from model import Qwen2, Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
 
     cuda = torch.cuda.is_available()
-    opts = dict(size="3b" if cuda else "tiny", batch=4, seq=2048 if cuda else 256, iters=5, ac=int(cuda), compile=0,
-                hf_ac=-1, fsdp=1, hf=1, profile=0)
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in opts:
-            sys.exit(f"bench train: unknown option {arg!r}; options: {opts}")
-        opts[key] = type(opts[key])(value)
+    opts = options("train", argv, size="3b" if cuda else "tiny", batch=4, seq=2048 if cuda else 256, iters=5,
+                   ac=int(cuda), compile=0, hf_ac=-1, fsdp=1, hf=1, profile=0)
     device = torch.device("cuda" if cuda else "cpu")
     if opts["size"] == "3b":
         llm, towers = Qwen2Config(), [VisionConfig(**CLIP_L14_336), VisionConfig(**DINOV2_L14)]
@@ -459,12 +450,7 @@ def bench_data(argv: list[str]):
     import train
     from encoders import ImageProcessor, VisionConfig
 
-    opts = dict(image_size=112, workers=2, batch=32, batches=40)
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in opts or not value.isdigit():
-            sys.exit(f"bench data: unknown or non-integer option {arg!r}; options: {opts}")
-        opts[key] = int(value)
+    opts = options("data", argv, image_size=112, workers=2, batch=32, batches=40)
     size, workers, batch, batches = opts["image_size"], opts["workers"], opts["batch"], opts["batches"]
     configs = [VisionConfig(kind, 64, 1, 1, 128, 14, size) for kind in ("clip", "dinov2")]
     tok = data.Tokenizer.from_file(shapes.SHAPES_TOKENIZER)

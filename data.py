@@ -285,7 +285,7 @@ def validate_sample(sample, where: str, image_root: str = "", check_file: bool =
             raise SampleError(where, "missing image", f"{path} does not exist (check --image_root)")
 
 
-def _records(path: str):
+def read_records(path: str):
     """(where, parsed object or the error) for each record of a JSON list or a JSONL file. A line that is not
     UTF-8, not JSON, or nested past the parser's depth is an error record (skipped and counted, or named)."""
     raw = open(path, "rb").read()
@@ -308,7 +308,7 @@ def _records(path: str):
 
 
 class MalformedLine(str):
-    """The error of a line that is not a JSON record (what _records yields in its place)."""
+    """The error of a line that is not a JSON record (what read_records yields in its place)."""
 
 
 def _located(sample: dict, where: str, image_root: str) -> dict:
@@ -321,7 +321,7 @@ def load_samples(paths, image_root: str = "", skip_bad=False) -> list[dict]:
     A bad record raises SampleError, or with `skip_bad` (True: count into SKIPPED; or a SkipCounter) is
     skipped and counted."""
     paths = [p for p in paths.split(",") if p] if isinstance(paths, str) else list(paths)
-    return _valid(((where, r) for path in paths for where, r in _records(path)), image_root, _counter(skip_bad))
+    return _valid(((where, r) for path in paths for where, r in read_records(path)), image_root, _counter(skip_bad))
 
 
 def _valid(records, image_root: str, counter, check_file: bool = True) -> list[dict]:
@@ -377,7 +377,7 @@ def read_llava_pretrain(path: str, image_root: str = "", seed: int = 0, skip_bad
         if isinstance(record, dict) and "conversations" not in record and "blip_caption" in record:
             return caption_sample(record.get("image"), record["blip_caption"], rng, record.get("id"))
         return record
-    records = ((where, with_instruction(record)) for where, record in _records(path))
+    records = ((where, with_instruction(record)) for where, record in read_records(path))
     return _valid(records, image_root, _counter(skip_bad), check_file)
 
 
@@ -412,7 +412,7 @@ def read_rec_jsonl(path: str, image_dir: str = "") -> list[dict]:
     """The common REC jsonl layout: {"img_path", "expression", "bbox": [x1,y1,x2,y2] pixels, "width",
     "height"} (Shikra's REC_refcoco_unc_val.jsonl, and the shapes eval splits)."""
     records = []
-    for where, r in _records(path):
+    for where, r in read_records(path):
         if isinstance(r, MalformedLine):
             raise SampleError(where, "malformed line", r)
         if not isinstance(r, dict):

@@ -440,7 +440,7 @@ def parse_json_answer(text: str):
 def read_dataset_boxes(path: str) -> dict[str, list[tuple[str, list[float]]]]:
     """--boxes: image key -> [(label, pixel box)]; a bad line stops the run at once, naming it."""
     boxes = {}
-    for where, record in data._records(path):
+    for where, record in data.read_records(path):
         try:
             objects = [(o["label"].strip(), [float(v) for v in o["box"]]) for o in record["objects"]]
             if not all(label and len(box) == 4 and all(math.isfinite(v) for v in box) and box[0] < box[2]

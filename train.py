@@ -225,11 +225,11 @@ def build_model(cfg: TrainConfig, init: str, device) -> tuple[TinyGroundingGPT, 
 
 
 def set_trainable(model: TinyGroundingGPT, trains: str) -> None:
-    """Freeze everything, then unfreeze what the phase trains (the towers stay frozen, as in the paper)."""
+    """Freeze everything, then unfreeze the parts the phase trains: "projector" or "llm+projector" (the model's
+    attributes; the towers stay frozen, as in the paper)."""
     model.requires_grad_(False)
-    model.projector.requires_grad_(True)
-    if "llm" in trains:
-        model.llm.requires_grad_(True)
+    for part in trains.split("+"):
+        getattr(model, part).requires_grad_(True)
 
 
 def shard(model: TinyGroundingGPT, cfg: TrainConfig) -> None:
