@@ -8,8 +8,8 @@
 
 Every box in an answer is drawn on the image (saved as IMAGE.boxes.png, or --out) and printed in pixels.
 `--attn` saves the paper's interpretability map (Sec. 5.2): the last layer's attention from an object's
-tokens (the answer's coordinates, the question's text, or the object image) to the image patches, summed
-over heads and tokens, normalized, drawn over the image. The default checkpoint is the shipped shapes model:
+tokens (the answer's coordinates, the question's text, or the object image) to the image patches, averaged
+over heads, summed over tokens, normalized, drawn over the image. The default checkpoint is the shipped shapes model:
 it knows only the shapes world, but the CLI runs on any photo.
 
 The server also serves a demo page at / (assets/demo.html: one file, plain JavaScript and a canvas, nothing
