@@ -316,14 +316,13 @@ def load_strict(module: nn.Module, path: str, dtype, device, names: dict[str, st
     checkpoint_files), floats cast to `dtype`; the module may live on the meta device (tensors are assigned).
     names: our key -> the checkpoint's (default: the same); key(k): a checkpoint key as `names` spells it;
     skip(k): checkpoint tensors deliberately unused. Every other checkpoint tensor must be used, every entry
-    filled, every shape equal (up to leading 1s, as DINOv2 stores its tables); else a ValueError names the
-    keys and files."""
+    filled, every shape equal (but for leading 1s the checkpoint may add, as DINOv2 does); else a ValueError
+    names the keys and files."""
     expected = module.state_dict()
     names = names or {k: k for k in expected}
     ours_of = {theirs: ours for ours, theirs in names.items()}
     sources, get = checkpoint_files(path)
     state, unexpected, bad, bad_keys = {}, [], [], set()
-    squeeze = lambda shape: list(shape)[next((i for i, n in enumerate(shape) if n != 1), len(shape)):]
     for stored, file in sources.items():
         if skip(key(stored)):
             continue
@@ -331,7 +330,10 @@ def load_strict(module: nn.Module, path: str, dtype, device, names: dict[str, st
             unexpected.append(f"{stored} (in {file})")
             continue
         t, want = get(stored), expected[ours]
-        if squeeze(t.shape) != squeeze(want.shape) or t.is_floating_point() != want.is_floating_point():
+        shape = list(t.shape)
+        while len(shape) > want.dim() and shape[0] == 1:  # DINOv2's [1, N, C] tables, ours [N, C]
+            shape = shape[1:]
+        if shape != list(want.shape) or t.is_floating_point() != want.is_floating_point():
             bad.append(f"{stored} in {file}: {list(t.shape)} {t.dtype}, expected {list(want.shape)} "
                        f"{'floating point' if want.is_floating_point() else want.dtype}")
             bad_keys.add(ours)
@@ -358,10 +360,11 @@ def load_vision_tower(path: str, dtype=torch.float32, device="cpu", image_size: 
     beyond = {theirs for ours, theirs in wanted.items()
               if ours.startswith("blocks.") and int(ours.split(".")[1]) >= config.blocks_run}
     wanted = {ours: theirs for ours, theirs in wanted.items() if theirs not in beyond}
-    assert set(wanted) == set(dict(tower.named_parameters())), "checkpoint_names out of sync with VisionTower"
+    assert set(wanted) == set(tower.state_dict()), "checkpoint_names out of sync with VisionTower"
     unused = re.compile("|".join(f"(?:{p})" for p in SKIP[config.kind]))
     # CLIPModel (and CLIPVisionModel saved by transformers < 5) prefix the vision tower with `vision_model.`
-    load_strict(tower, path, dtype, device, wanted, key=lambda k: k.removeprefix("vision_model."),
+    strip = (lambda k: k.removeprefix("vision_model.")) if config.kind == "clip" else (lambda k: k)
+    load_strict(tower, path, dtype, device, wanted, key=strip,
                 skip=lambda k: k in beyond or bool(unused.fullmatch(k)),
                 what=f"the {config.kind} tower of its config.json ({config.num_layers} layers, width "
                      f"{config.hidden_size})")

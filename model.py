@@ -415,6 +415,10 @@ class TinyGroundingGPTConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "TinyGroundingGPTConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        for removed in ("train_towers", "image_after_question"):  # fields of exports up to commit 31d6f20
+            if d.pop(removed, False):
+                raise ValueError(f"{source}: {removed}=true is no longer supported (its last commit: 31d6f20)")
         if unknown := set(d) - fields:
             raise ValueError(f"{source}: unknown TinyGroundingGPT config fields {sorted(unknown)}")
         try:
@@ -576,12 +580,13 @@ class TinyGroundingGPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, dtype=None, device="cpu") -> "TinyGroundingGPT":
-        """The one loader of an export (train.py's, or save_pretrained's): config.json + model.safetensors,
-        with tokenizer.json beside them (read by data.Tokenizer). dtype: default bf16 on a GPU, else fp32."""
+        """The one loader of an export (train.py's, or save_pretrained's with a tokenizer): config.json +
+        model.safetensors, with tokenizer.json beside them (read by data.Tokenizer). dtype: default bf16 on a
+        GPU, else fp32."""
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
             if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(f"{directory} has no {name}. Point --ckpt at a directory exported by "
-                                        "train.py (config.json, model.safetensors, tokenizer.json).")
+                raise FileNotFoundError(f"{directory} has no {name}: give a directory exported by train.py "
+                                        "(config.json, model.safetensors, tokenizer.json)")
         if dtype is None:
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         config_file = os.path.join(directory, "config.json")
@@ -636,7 +641,8 @@ def image_attention(attn: torch.Tensor, ids: torch.Tensor, queries, image_token_
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPUs; alone: no process group."""
+    """(rank, world size, device) for train.py and eval.py. Under torchrun: NCCL on GPUs, gloo on CPUs; alone:
+    no process group. On GPUs TF32 is on for what still runs in fp32."""
     cuda = torch.cuda.is_available()
     if cuda:  # TF32 for the fp32 matmuls and convolutions that remain (the paper trains with BF16 and TF32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

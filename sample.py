@@ -191,6 +191,9 @@ def attention_map(session: Session, source: str) -> torch.Tensor:
         queries = [i for i in words if tok.decode(prompt_ids[i : i + 1]).strip()]
         if not queries:
             raise ValueError("--attn text needs words in the question")
+        if max(queries) < ids.index(model.config.image_token_id):  # causal: words before the image never see it
+            raise ValueError("--attn text: the question's words come before the image, so they cannot attend to "
+                             "it; try --attn coords")
     ids = torch.tensor(ids)
     _, _, attn = model(ids[None], images=last["images"], objects=last["objects"], return_last_attn=True)
     weights = image_attention(attn[0], ids, queries, model.config.image_token_id).sum(0)  # [num_patches]

@@ -1,6 +1,7 @@
 """The shapes world: the procedural scenes, referring expressions and stage data that let every part of
-TinyGroundingGPT run and be measured offline (the project's `shakespeare_char`), its fixed REC/POPE evaluation
-splits in the real formats, the baselines, and its small tokenizer.
+TinyGroundingGPT run and be measured offline (the project's `shakespeare_char`); train.py's shapes preset (the
+tiny model, its tower pretraining, each phase's samples); the fixed REC/POPE evaluation splits in the real
+formats, the baselines, and the small tokenizer.
 
     python shapes.py splits --out data/shapes [--n 500]     # rec_{val,testA,testB}.jsonl, pope_*.jsonl
     python shapes.py baselines --split data/shapes/rec_testA.jsonl
@@ -437,7 +438,7 @@ def patch_targets(scene: Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TowerData:
-    """Scenes with their dense patch targets for `train.py`'s tower pretraining (the shapes world's stand-in
+    """Scenes with their dense patch targets for pretrain_towers (the shapes world's stand-in
     for CLIP's and DINOv2's pretraining): item i -> (pixels [T, 3, S, S], classes [P], boxes [P, 4]), a
     function of (seed, i) only."""
 
@@ -450,14 +451,6 @@ class TowerData:
     def __getitem__(self, i: int):
         scene = make_scene(random.Random(f"shapes:{self.seed}:towers:{i}"))
         return (self.processor(scene.draw()), *patch_targets(scene, self.grid))
-
-
-# ----------------------------------------------------------------------------- shapes eval splits, baselines
-
-EVAL_SCENES = {  # split -> (scene difficulty, expression kind)
-    "testA": (SceneConfig(min_objects=1, max_objects=4), "attribute"),
-    "testB": (SceneConfig(min_objects=3, max_objects=5, duplicate_prob=0.6), "relation"),
-}
 
 
 # train.py plugs the toy world in at three places: these settings (PRESET, PHASE_SETTINGS), a new model with
@@ -505,7 +498,7 @@ def new_model(max_len: int = 256) -> TinyGroundingGPT:
 
 
 def pretrain_towers(model: TinyGroundingGPT, steps: int, seed: int, schedule, num_workers: int = 1,
-                    log_every: int = 25, batch_size: int = 64) -> None:
+                    log_every: int = 25, grad_clip: float = 1.0, batch_size: int = 64) -> None:
     """The shapes world's stand-in for CLIP's and DINOv2's pretraining, so that the stages, like the paper's,
     start from frozen towers whose patch features already say what is where: each tower of `model` learns,
     per patch, the class of the object there (colour x shape, or background) and that object's box, through
@@ -520,7 +513,7 @@ def pretrain_towers(model: TinyGroundingGPT, steps: int, seed: int, schedule, nu
     optimizer = torch.optim.AdamW(params, lr=schedule(0), weight_decay=0.0)
     dataset = TowerData(steps * batch_size, model.encoder.processor, towers[0].grid, seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    print(f"towers: {steps} steps of {batch_size} scenes, per-patch class + box")
+    print(f"towers: {steps} steps of {batch_size} scenes, per-patch class + box, lr {schedule(0):.2e} at step 0")
     for step, batch in enumerate(loader):
         pixels, target_class, target_box = (t.to(device, non_blocking=True) for t in batch)  # [B,T,3,S,S] [B,P]..
         for group in optimizer.param_groups:
@@ -535,7 +528,7 @@ def pretrain_towers(model: TinyGroundingGPT, steps: int, seed: int, schedule, nu
             report.append(f"{tower.config.kind} acc {accuracy:.3f} box L1 {box_error:.3f}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         if step % log_every == 0 or step + 1 == steps:
             print(f"towers {step + 1:>6}/{steps} | loss {loss.item():.4f} | lr {schedule(step):.2e} | "
@@ -558,6 +551,14 @@ def stage_data(phase: str, samples: str, kinds: str = "", scene: str = "", seed:
     shares = {k: float(v) for k, v in (item.split(":") for item in kinds.split(",") if item)}
     return ShapesStageData(phase, dict(zip(PHASE_SETTINGS, sizes))[phase], seed=seed, scene=scene_config,
                            kinds=None if phase.startswith("stage1") else shares)
+
+
+# ----------------------------------------------------------------------------- shapes eval splits, baselines
+
+EVAL_SCENES = {  # split -> (scene difficulty, expression kind)
+    "testA": (SceneConfig(min_objects=1, max_objects=4), "attribute"),
+    "testB": (SceneConfig(min_objects=3, max_objects=5, duplicate_prob=0.6), "relation"),
+}
 
 
 def write_shapes_splits(out: str, n: int = 500, seed: int = 0):

@@ -6,7 +6,7 @@
 
 Stage 1 runs two phases: `pretrain` (projector only, lr 1e-3) then `finetune` (LLM + projector, 2e-5).
 Stages 2 and 3 train LLM + projector. The encoders are always frozen (the shapes preset pretrains its tiny
-towers first, see `pretrain_towers`). Each phase exports config.json + model.safetensors + tokenizer.json into
+towers first: shapes.pretrain_towers). Each phase exports config.json + model.safetensors + tokenizer.json into
 `{out_dir}/{phase}`, which the next phase starts from. Rerunning the same command resumes from the latest
 checkpoint in `{out_dir}/{phase}-ckpt`.
 
@@ -216,7 +216,10 @@ def build_model(cfg: TrainConfig, init: str, device) -> tuple[TinyGroundingGPT, 
     """The phase's starting model (fp32 master weights): the export `init`, else a new one; the tokenizer.json
     that goes with it, and where the model came from (for the log)."""
     if init:
-        model = TinyGroundingGPT.from_pretrained(init, dtype=torch.float32, device=device)
+        try:
+            model = TinyGroundingGPT.from_pretrained(init, dtype=torch.float32, device=device)
+        except FileNotFoundError as e:
+            sys.exit(f"error: the phase starts from {init}: {e}")
         return model, os.path.join(init, "tokenizer.json"), init
     if cfg.preset == "shapes":
         return shapes.new_model(cfg.max_len).to(device), shapes.SHAPES_TOKENIZER, "a new random shapes model"
@@ -485,7 +488,7 @@ def pretrain_shapes_towers(cfg: TrainConfig, rank: int, device) -> None:
         torch.manual_seed(cfg.seed)
         model, t_start, peak = shapes.new_model(cfg.max_len).to(device), time.time(), 2e-3
         shapes.pretrain_towers(model, cfg.tower_steps, cfg.seed, lambda step: lr_at(step, cfg.tower_steps, peak,
-                               cfg.warmup_ratio), cfg.num_workers, cfg.log_every)
+                               cfg.warmup_ratio), cfg.num_workers, cfg.log_every, cfg.grad_clip)
         model.save_pretrained(out, shapes.SHAPES_TOKENIZER)
         print(f"towers: done in {(time.time() - t_start) / 60:.1f} min, exported to {out}")
     barrier()
@@ -580,13 +583,13 @@ def prepare_model(cfg: TrainConfig, phase: PhaseSettings, init: str, rank: int, 
 
 
 def train_step(model, optimizer, micro_batches: list[dict], lr: float, cfg: TrainConfig, tokenizer, world: int,
-               device) -> dict:
+               device, t0: float) -> dict:
     """One optimizer step over the global batch's micro-batches of this process -> its log record.
 
     The loss is the mean over all answer tokens of the global batch, whatever the split into processes and
     micro-batches: each micro-batch's mean is reweighted by its share of the tokens (x world size, because
-    FSDP averages gradients over processes)."""
-    sharded, t0 = dist.is_initialized(), time.time()
+    FSDP averages gradients over processes). t0: when the step began (the batches' loading is part of it)."""
+    sharded = dist.is_initialized()
     counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
     total_tokens = max(1.0, all_reduce_sum(sum(counts), device))
     for group in optimizer.param_groups:
@@ -683,9 +686,10 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     model.train()
     t_start = time.time()
     for step in range(start, total):
+        t0 = time.time()
         micro_batches = [next(micro_iter) for _ in range(accumulation)]
         lr = lr_at(step, total, phase.lr, cfg.warmup_ratio)
-        record = {"step": step, **train_step(model, optimizer, micro_batches, lr, cfg, tokenizer, world, device)}
+        record = {"step": step, **train_step(model, optimizer, micro_batches, lr, cfg, tokenizer, world, device, t0)}
         history.append(record)
         bar.update(1)
         if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):

@@ -327,6 +327,14 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"missing tensors, in none of .*: \['llm.model.layers.2"):
         TinyGroundingGPT.from_pretrained(str(tmp_path / "out"))
+    # an export from before two fields were removed (commit 31d6f20) loads; one that used them is refused
+    config["llm"]["num_hidden_layers"] = model.config.llm.num_hidden_layers
+    (tmp_path / "out" / "config.json").write_text(json.dumps({**config, "train_towers": False,
+                                                              "image_after_question": False}))
+    assert TinyGroundingGPT.from_pretrained(str(tmp_path / "out")).config == model.config
+    (tmp_path / "out" / "config.json").write_text(json.dumps({**config, "image_after_question": True}))
+    with pytest.raises(ValueError, match="image_after_question=true is no longer supported"):
+        TinyGroundingGPT.from_pretrained(str(tmp_path / "out"))
     os.remove(tmp_path / "out" / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="out has no model.safetensors"):
         TinyGroundingGPT.from_pretrained(str(tmp_path / "out"))

@@ -170,6 +170,18 @@ def test_attention_map_errors_say_what_is_missing(loaded, monkeypatch):
 
 
 
+def test_text_attention_needs_words_after_the_image(loaded, monkeypatch):
+    model, tok = loaded
+    monkeypatch.setattr(model, "generate", scripted(model, tok, "[0.100,0.200,0.500,0.600]"))
+    session = sample.Session(model, tok, sample.open_image(PHOTO))
+    session.ask("Where is the cup?\n<image>")  # the words before the image: causal attention never links them
+    assert sample.attention_map(session, "coords").shape == (8, 8)
+    with pytest.raises(ValueError, match="before the image"):
+        sample.attention_map(session, "text")
+    session.ask("And the table?")  # a later turn's words come after the image
+    assert sample.attention_map(session, "text").shape == (8, 8)
+
+
 def test_heat_map_zero_keeps_the_image_and_one_turns_it_red():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 200, (60, 100, 3), dtype=np.uint8))  # 100 x 60
@@ -204,7 +216,7 @@ def test_a_checkpoint_missing_a_file_is_named(ckpt, photo, tmp_path, missing):
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     os.remove(broken / missing)
-    with pytest.raises(SystemExit, match=rf"^error: .*broken has no {missing}. Point --ckpt at a directory"):
+    with pytest.raises(SystemExit, match=rf"^error: .*broken has no {missing}: give a directory exported by"):
         sample.main([photo, "hi", "--ckpt", str(broken)])
 
 
