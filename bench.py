@@ -8,6 +8,7 @@ imported inside the comparison only; the product never imports it.
 import argparse
 import platform
 import sys
+import time
 
 import torch
 
@@ -19,6 +20,17 @@ def machine() -> str:
 
 
 BENCHMARKS = {}  # name -> function(argv: list[str]); each section below registers itself
+
+
+def seconds(fn, *args) -> float:
+    """Wall time of fn(*args), the GPU's queued work included."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def options(name: str, argv: list[str], **defaults) -> dict:
@@ -41,7 +53,6 @@ def bench_encoders(argv: list[str]):
     Both produce the model's features (hidden_states[-2] patch tokens of each tower, concatenated): ours
     runs the 23 blocks that needs, transformers all 24 with output_hidden_states, as LLaVA-style code does.
     Options: --batch=32 --iters=3 --warmup=1 --cpu=0|1."""
-    import time
 
     from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
 
@@ -49,15 +60,6 @@ def bench_encoders(argv: list[str]):
 
     opts = options("encoders", argv, batch=32, iters=3, warmup=1, cpu=int(not torch.cuda.is_available()))
     batch, iters, warmup = opts["batch"], opts["iters"], opts["warmup"]
-
-    def seconds(step, device) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     def compare(device, dtype):  # one device: build both pairs, time both, free them on return
         torch.manual_seed(0)
@@ -81,7 +83,7 @@ def bench_encoders(argv: list[str]):
                     step()
             for _ in range(iters):  # alternate, so that a busy machine slows both alike
                 for name, step in steps.items():
-                    times[name].append(seconds(step, device))
+                    times[name].append(seconds(step))
         for name, values in times.items():
             median = sorted(values)[len(values) // 2]
             print(f"| {device} | {str(dtype).removeprefix('torch.')} | {name} | {median:.2f} | "
@@ -106,7 +108,6 @@ def _fake_synth_server(port_queue, latency: float):
     """A loopback server in its own process (so that it does not share the client's GIL) answering every
     synth.py step as a well-behaved VLM and /detect grounder would, each answer after `latency` seconds."""
     import json
-    import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     import synth
@@ -163,7 +164,6 @@ def bench_synth(argv: list[str]):
     import io
     import multiprocessing
     import tempfile
-    import time
     from pathlib import Path
 
     from PIL import Image, ImageDraw
@@ -205,6 +205,28 @@ BENCHMARKS["synth"] = bench_synth
 # ----------------------------------------------------------------------------- decode
 
 
+def decode_models(c, device: str, dtype):
+    """One set of random weights of LM shape `c`: transformers' Qwen2ForCausalLM, and ours sharing its tensors
+    (assigned, not copied); and their size in bytes."""
+    import transformers
+
+    from model import Qwen2
+
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, tie_word_embeddings=c.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+    with torch.device(device):
+        hf = transformers.Qwen2ForCausalLM(hf_config).to(dtype).eval()
+    with torch.device("meta"):
+        ours = Qwen2(c)
+    state = {k: v for k, v in hf.state_dict().items() if k in ours.state_dict()}  # tied: no lm_head
+    ours.load_state_dict(state, strict=True, assign=True)
+    return ours, hf, sum(v.numel() * v.element_size() for v in state.values())
+
+
 def bench_decode(argv: list[str]):
     """Decode tokens/s of the language model with random weights, batch 1 and 16: ours (model.py: static KV
     cache, plus the torch.compile'd one-token step with --compile=1, the default on CUDA) vs transformers'
@@ -215,11 +237,8 @@ def bench_decode(argv: list[str]):
     of width 256 with the full vocabulary; the CPU default, fp32).
     Options: --size --prompt=600 --new=128 --batches=1,16 --iters=3 --compile --hf_static (CPU: 64, 32)."""
     import functools
-    import time
 
-    import transformers
-
-    from model import Qwen2, Qwen2Config
+    from model import Qwen2Config
 
     cuda = torch.cuda.is_available()
     opts = options("decode", argv, size="3b" if cuda else "tiny", prompt=600 if cuda else 64,
@@ -236,29 +255,7 @@ def bench_decode(argv: list[str]):
     c, device = sizes[opts["size"]], "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
 
-    # one set of random weights: transformers' model, whose tensors ours then shares (assign, no copy)
-    torch.manual_seed(0)
-    hf_config = transformers.Qwen2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, tie_word_embeddings=c.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
-    with torch.device(device):
-        hf = transformers.Qwen2ForCausalLM(hf_config).to(dtype).eval()
-    with torch.device("meta"):
-        ours = Qwen2(c)
-    state = {k: v for k, v in hf.state_dict().items() if k in ours.state_dict()}  # tied: no lm_head
-    ours.load_state_dict(state, strict=True, assign=True)
-    weight_bytes = sum(v.numel() * v.element_size() for v in state.values())
-
-    def seconds(fn, *args) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(*args)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+    ours, hf, weight_bytes = decode_models(c, device, dtype)
 
     def median(fn, *args) -> float:
         return sorted(seconds(fn, *args) for _ in range(opts["iters"]))[opts["iters"] // 2]
@@ -314,6 +311,53 @@ BENCHMARKS["decode"] = bench_decode
 # ----------------------------------------------------------------------------- training step
 
 
+def time_training_step(name: str, build, iters: int, tokens: int, flops: float, peak: float, profile: int):
+    """Print one row of bench_train: build() -> a function running one training step of `tokens` tokens and
+    `flops` FLOPs, timed over `iters` steps after a warm-up; the model is freed before the next is built."""
+    import gc
+
+    cuda = torch.cuda.is_available()
+    step = None
+    try:
+        step = build()
+        step()  # warm-up (and compilation)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        dt = seconds(lambda: [step() for _ in range(iters)]) / iters
+        mfu = f"{100 * flops / dt / peak:5.1f}%" if peak else "    -"
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:7.1f}GB" if cuda else "       -"
+        print(f"{name:<34} {dt:>8.3f} {tokens / dt:>10,.0f} {mfu:>6} {mem:>9}", flush=True)
+        if profile:  # where one more step's time goes: the kernels that took the most of it
+            with torch.profiler.profile() as prof:
+                seconds(step)
+            sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=profile, max_name_column_width=60))
+    except torch.OutOfMemoryError:
+        print(f"{name:<34} out of memory", flush=True)
+    step = None  # free this model (weights, gradients, activations) before the next one is built:
+    torch._dynamo.reset()  # compiled code holds the blocks,
+    gc.collect()  # and FSDP2's hooks make reference cycles
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def train_shape(size: str):
+    """The model bench_train times: "3b" (Qwen2.5-3B + CLIP-L/14-336 + DINOv2-L/14) or "tiny"."""
+    from encoders import CLIP_L14_336, DINOV2_L14, VisionConfig
+    from model import Qwen2Config, TinyGroundingGPTConfig
+
+    if size == "3b":
+        llm, towers = Qwen2Config(), [VisionConfig(**CLIP_L14_336), VisionConfig(**DINOV2_L14)]
+    else:
+        llm = Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2)
+        tower = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_size=256, patch_size=14, image_size=112)
+        towers = [VisionConfig(kind="clip", **tower), VisionConfig(kind="dinov2", **tower)]
+    return TinyGroundingGPTConfig(vision=towers, llm=llm, image_token_id=llm.vocab_size - 1,
+                                  object_token_id=llm.vocab_size - 2, pad_token_id=0, stop_token_ids=[1],
+                                  sampleable_size=llm.vocab_size - 2)
+
+
 def bench_train(argv: list[str]):
     """Training speed: forward+backward of the whole TinyGroundingGPT (frozen towers on one image per sample,
     projector, LLM), random weights, sharded with FSDP2 exactly as train.py does (world size 1, bf16 compute,
@@ -325,31 +369,20 @@ def bench_train(argv: list[str]):
     checkpointing; default: as --ac) --fsdp=1 (0: ours unsharded with bf16 weights, as transformers runs)
     --hf=1 (0: ours only) --profile=0 (N: profile one more step, print its N costliest kernels)
     (CPU: batch 4, seq 256, ac 0)."""
-    import gc
     import os
-    import time
 
     import torch.distributed as dist
     import transformers
 
     import train
-    from encoders import CLIP_L14_336, DINOV2_L14, VisionConfig
-    from model import Qwen2, Qwen2Config, TinyGroundingGPT, TinyGroundingGPTConfig
+    from model import Qwen2, TinyGroundingGPT
 
     cuda = torch.cuda.is_available()
     opts = options("train", argv, size="3b" if cuda else "tiny", batch=4, seq=2048 if cuda else 256, iters=5,
                    ac=int(cuda), compile=0, hf_ac=-1, fsdp=1, hf=1, profile=0)
     device = torch.device("cuda" if cuda else "cpu")
-    if opts["size"] == "3b":
-        llm, towers = Qwen2Config(), [VisionConfig(**CLIP_L14_336), VisionConfig(**DINOV2_L14)]
-    else:
-        llm = Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2)
-        tower = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_size=256, patch_size=14, image_size=112)
-        towers = [VisionConfig(kind="clip", **tower), VisionConfig(kind="dinov2", **tower)]
-    config = TinyGroundingGPTConfig(vision=towers, llm=llm, image_token_id=llm.vocab_size - 1,
-                                    object_token_id=llm.vocab_size - 2, pad_token_id=0, stop_token_ids=[1],
-                                    sampleable_size=llm.vocab_size - 2)
+    config = train_shape(opts["size"])
+    llm, towers = config.llm, config.vision
     if not dist.is_initialized():  # FSDP2 needs a process group, also for one process
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
@@ -393,42 +426,13 @@ def bench_train(argv: list[str]):
     with torch.device("meta"):  # parameter count without allocating anything
         n_params = sum(p.numel() for p in Qwen2(llm).parameters())
     flops = 6 * n_params + 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim * T
-    peak = train.peak_flops(device)
     print(f"# {opts['size']}: LLM {n_params / 1e6:,.1f}M params, towers {len(towers)} x {side}px, batch "
           f"{B} x {T} tokens ({P} image tokens each), activation checkpointing: ours {bool(opts['ac'])}, "
           f"transformers {hf_ac}; compiled blocks (ours) {bool(opts['compile'])}; one model on the device at a time")
     print(f"{'implementation':<34} {'s/step':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
     ours_name = "ours (FSDP2 bf16, towers + LLM)" if opts["fsdp"] else "ours (unsharded, towers + LLM)"
     for name, build in [(ours_name, ours), ("transformers Qwen2 LM", reference)][:1 + opts["hf"]]:
-        try:
-            step = build()
-            step()  # warm-up (and compilation)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            for _ in range(opts["iters"]):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - start) / opts["iters"]
-            mfu = f"{100 * flops * B * T / dt / peak:5.1f}%" if peak else "    -"
-            mem = f"{torch.cuda.max_memory_allocated() / 2**30:7.1f}GB" if cuda else "       -"
-            print(f"{name:<34} {dt:>8.3f} {B * T / dt:>10,.0f} {mfu:>6} {mem:>9}", flush=True)
-            if opts["profile"]:  # where one more step's time goes: the kernels that took the most of it
-                with torch.profiler.profile() as prof:
-                    step()
-                    if cuda:
-                        torch.cuda.synchronize()
-                sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-                print(prof.key_averages().table(sort_by=sort, row_limit=opts["profile"], max_name_column_width=60))
-        except torch.OutOfMemoryError:
-            print(f"{name:<34} out of memory", flush=True)
-        step = None  # free this model (weights, gradients, activations) before the next one is built:
-        torch._dynamo.reset()  # compiled code holds the blocks,
-        gc.collect()  # and FSDP2's hooks make reference cycles
-        if cuda:
-            torch.cuda.empty_cache()
+        time_training_step(name, build, opts["iters"], B * T, flops * B * T, train.peak_flops(device), opts["profile"])
     dist.destroy_process_group()
 
 
@@ -443,7 +447,6 @@ def bench_data(argv: list[str]):
     two towers) at the tiny or the full image size, the first batches (worker start) not timed; and the
     share of padded token slots with and without length grouping.
     Options: --image_size=112 --workers=2 --batch=32 --batches=40."""
-    import time
 
     import data
     import shapes
