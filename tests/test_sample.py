@@ -409,7 +409,9 @@ def test_serve_command_line_answers_and_stops_on_ctrl_c(ckpt):
     """`python sample.py --serve --port 0` prints where it listens, answers, and exits cleanly on SIGINT."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--serve", "--port", "0", "--ckpt", ckpt,
                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # as from a terminal: a background job of a script would inherit SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stderr.readline() == f"model: {ckpt}\n"  # which model answers, first
         line = proc.stdout.readline()
