@@ -582,8 +582,8 @@ def prepare_model(cfg: TrainConfig, phase: PhaseSettings, init: str, rank: int, 
     return model, tokenizer_path
 
 
-def train_step(model, optimizer, micro_batches: list[dict], lr: float, cfg: TrainConfig, tokenizer, world: int,
-               device, t0: float) -> dict:
+def train_step(model, optimizer, trainable: list, micro_batches: list[dict], lr: float, cfg: TrainConfig, tokenizer,
+               world: int, device, t0: float) -> dict:
     """One optimizer step over the global batch's micro-batches of this process -> its log record.
 
     The loss is the mean over all answer tokens of the global batch, whatever the split into processes and
@@ -612,7 +612,6 @@ def train_step(model, optimizer, micro_batches: list[dict], lr: float, cfg: Trai
         loss_sum += loss.item() * counts[i]
         n_tokens += int(batch["attention_mask"].sum())
         n_padded += batch["attention_mask"].numel()
-    trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     optimizer.step()
@@ -689,7 +688,8 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         t0 = time.time()
         micro_batches = [next(micro_iter) for _ in range(accumulation)]
         lr = lr_at(step, total, phase.lr, cfg.warmup_ratio)
-        record = {"step": step, **train_step(model, optimizer, micro_batches, lr, cfg, tokenizer, world, device, t0)}
+        record = {"step": step, **train_step(model, optimizer, trainable, micro_batches, lr, cfg, tokenizer, world,
+                                             device, t0)}
         history.append(record)
         bar.update(1)
         if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):

@@ -45,20 +45,10 @@ python train.py $flags --out_dir=runs/ship-6 --stage=2 --init=runs/ship-5/stage3
     --shapes_samples=6400,6400,48000,19200 --attention_loss=1 --shapes_kinds=rec:1 \
     --shapes_scene=min_objects=2,max_objects=2,duplicate_prob=0
 # seven 3,000-step stage-2 runs with the preset's mix of sample kinds
-python train.py $flags --out_dir=runs/ship-7 --stage=2 --init=runs/ship-6/stage2 --seed=1343 --lr=1e-3 \
-    --shapes_samples=6400,6400,96000,19200 --attention_loss=1
-python train.py $flags --out_dir=runs/ship-8 --stage=2 --init=runs/ship-7/stage2 --seed=1344 --lr=1e-3 \
-    --shapes_samples=6400,6400,96000,19200 --attention_loss=1
-python train.py $flags --out_dir=runs/ship-9 --stage=2 --init=runs/ship-8/stage2 --seed=1345 --lr=1e-3 \
-    --shapes_samples=6400,6400,96000,19200 --attention_loss=1
-python train.py $flags --out_dir=runs/ship-10 --stage=2 --init=runs/ship-9/stage2 --seed=1346 --lr=1e-3 \
-    --shapes_samples=6400,6400,96000,19200 --attention_loss=1
-python train.py $flags --out_dir=runs/ship-11 --stage=2 --init=runs/ship-10/stage2 --seed=1347 --lr=1e-3 \
-    --shapes_samples=6400,6400,96000,19200 --attention_loss=1
-python train.py $flags --out_dir=runs/ship-12 --stage=2 --init=runs/ship-11/stage2 --seed=1348 --lr=1e-3 \
-    --shapes_samples=6400,6400,96000,19200 --attention_loss=1
-python train.py $flags --out_dir=runs/ship-13 --stage=2 --init=runs/ship-12/stage2 --seed=1349 --lr=1e-3 \
-    --shapes_samples=6400,6400,96000,19200 --attention_loss=1
+for run in 7 8 9 10 11 12 13; do  # each from the previous run's export, on fresh scenes (seed 1336 + run)
+    python train.py $flags --out_dir=runs/ship-$run --stage=2 --init=runs/ship-$((run - 1))/stage2 \
+        --seed=$((1336 + run)) --lr=1e-3 --shapes_samples=6400,6400,96000,19200 --attention_loss=1
+done
 # stage 3, 1,200 steps at lr 5e-4: the shipped model (runs/ship-13/stage3 = assets/shapes-model)
 python train.py $flags --out_dir=runs/ship-13 --stage=3 --lr=5e-4 --shapes_samples=6400,6400,192000,38400 \
     --attention_loss=1
