@@ -359,14 +359,15 @@ def train_shape(size: str):
 
 
 def bench_train(argv: list[str]):
-    """Training speed: forward+backward of the whole TinyGroundingGPT (frozen towers on one image per sample,
-    projector, LLM), random weights, sharded with FSDP2 exactly as train.py does (world size 1, bf16 compute,
-    fp32 master weights and reduction), next to transformers' Qwen2ForCausalLM forward+backward of the same LM
-    shape on the same token count (bf16 weights, SDPA). Reports tokens/s, MFU (6N + 12LHQT per token, N = LLM
-    parameters) and peak memory. Sizes: 3b (Qwen2.5-3B + CLIP-L/14-336 + DINOv2-L/14; the CUDA default), tiny
-    (the CPU default). Options: --size --batch=4 --seq=2048 --iters=5 --ac=1 (activation checkpointing, both)
-    --compile=0 (torch.compile each of our LLM blocks, as train.py --compile does) --hf_ac (transformers'
-    checkpointing; default: as --ac) --fsdp=1 (0: ours unsharded with bf16 weights, as transformers runs)
+    """Training speed: train.py's own step on the whole TinyGroundingGPT (frozen towers on one image per
+    sample, projector, LLM; random weights): bf16 parameters, forward + backward, then MasterWeightAdamW's
+    clip and fp32 update, as train.py runs on one GPU; next to transformers' Qwen2ForCausalLM forward+backward
+    of the same LM shape on the same token count (bf16 weights, SDPA, no optimizer). Reports tokens/s, MFU
+    (6N + 12LHQT per token, N = LLM parameters) and peak memory. Sizes: 3b (Qwen2.5-3B + CLIP-L/14-336 +
+    DINOv2-L/14; the CUDA default), tiny (the CPU default). Options: --size --batch=4 --seq=2048 --iters=5
+    --ac=1 (activation checkpointing, both) --compile=0 (torch.compile each of our LLM blocks, as train.py
+    --compile does) --hf_ac (transformers' checkpointing; default: as --ac) --fsdp=0 (1: wrapped by FSDP2 as
+    train.py does for several processes, here with one) --optimizer=1 (0: ours forward+backward only)
     --hf=1 (0: ours only) --profile=0 (N: profile one more step, print its N costliest kernels)
     (CPU: batch 4, seq 256, ac 0)."""
     import os
@@ -379,7 +380,7 @@ def bench_train(argv: list[str]):
 
     cuda = torch.cuda.is_available()
     opts = options("train", argv, size="3b" if cuda else "tiny", batch=4, seq=2048 if cuda else 256, iters=5,
-                   ac=int(cuda), compile=0, hf_ac=-1, fsdp=1, hf=1, profile=0)
+                   ac=int(cuda), compile=0, hf_ac=-1, fsdp=0, optimizer=1, hf=1, profile=0)
     device = torch.device("cuda" if cuda else "cpu")
     config = train_shape(opts["size"])
     llm, towers = config.llm, config.vision
@@ -395,21 +396,28 @@ def bench_train(argv: list[str]):
     labels = ids.masked_fill(ids == config.image_token_id, -100)
     hf_ac = bool(opts["ac"] if opts["hf_ac"] < 0 else opts["hf_ac"])
 
-    def ours():  # -> one training step (forward + backward) of our model, sharded as train.py does
+    def ours():  # -> one training step of our model as train.py runs it (train.prepare_model, train_step)
         torch.manual_seed(0)
         with torch.device(device):
             model = TinyGroundingGPT(config)
         train.set_trainable(model, "llm+projector")
+        model.to(torch.bfloat16 if cuda else torch.float32)
         model.llm.activation_checkpointing = bool(opts["ac"])
         if opts["compile"]:
             for block in model.llm.layers:  # before sharding, as in train.py
                 block.compile()
         if opts["fsdp"]:
-            train.shard(model, train.TrainConfig(dtype="bfloat16"))
-        elif cuda:
-            model.to(torch.bfloat16)
+            train.shard(model)
+        optimizer = train.MasterWeightAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         images = torch.randn(B, len(towers), 3, side, side, device=device, dtype=next(model.parameters()).dtype)
-        return lambda: model(ids, labels=labels, images=images)[1].backward()
+
+        def step():
+            model(ids, labels=labels, images=images)[1].backward()
+            if opts["optimizer"]:
+                optimizer.clip_grad_norm_(1.0)
+                optimizer.step()
+            optimizer.zero_grad()
+        return step
 
     def reference():  # -> one training step of transformers' Qwen2 LM of the same shape, bf16 weights, SDPA
         with torch.device(device):
@@ -430,7 +438,7 @@ def bench_train(argv: list[str]):
           f"{B} x {T} tokens ({P} image tokens each), activation checkpointing: ours {bool(opts['ac'])}, "
           f"transformers {hf_ac}; compiled blocks (ours) {bool(opts['compile'])}; one model on the device at a time")
     print(f"{'implementation':<34} {'s/step':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
-    ours_name = "ours (FSDP2 bf16, towers + LLM)" if opts["fsdp"] else "ours (unsharded, towers + LLM)"
+    ours_name = ("ours, FSDP2" if opts["fsdp"] else "ours") + (" (+ AdamW step)" if opts["optimizer"] else "")
     for name, build in [(ours_name, ours), ("transformers Qwen2 LM", reference)][:1 + opts["hf"]]:
         time_training_step(name, build, opts["iters"], B * T, flops * B * T, train.peak_flops(device), opts["profile"])
     dist.destroy_process_group()

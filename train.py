@@ -10,8 +10,10 @@ towers first: shapes.pretrain_towers). Each phase exports config.json + model.sa
 `{out_dir}/{phase}`, which the next phase starts from. Rerunning the same command resumes from the latest
 checkpoint in `{out_dir}/{phase}-ckpt`.
 
-Precision policy (one place): fp32 master weights and optimizer state; bf16 compute (FSDP2's param_dtype, or
-autocast when not sharded); gradients reduced in fp32; norms, softmax and the loss computed in fp32 by model.py.
+Precision policy (one place): with --dtype bfloat16 (the default) the parameters themselves are bf16, so
+nothing is cast per step (no autocast, no FSDP2 param_dtype); MasterWeightAdamW keeps an fp32 master copy of
+each trainable parameter, sums gradients in fp32 and updates in fp32. FSDP2 reduces gradients in fp32. Norms,
+softmax and the loss are computed in fp32 by model.py. One process, or torchrun with one process: no FSDP2.
 """
 
 import argparse
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.optim.adam import adam
 from tqdm import tqdm
 
 import data
@@ -66,7 +69,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03  # share of the steps with a linear warm-up, then cosine decay to zero
     weight_decay: float = 0.0  # AdamW's
     grad_clip: float = 1.0  # clip the global gradient norm to this
-    dtype: str = "bfloat16"  # compute dtype: bfloat16 or float32 (master weights and optimizer: always fp32)
+    dtype: str = "bfloat16"  # the parameters' dtype: bfloat16 or float32 (master weights and optimizer: always fp32)
     compile: bool = False  # torch.compile each LM block (GPU: faster steps after a minute of compiling)
     activation_checkpointing: bool = False  # recompute each LM block's activations in the backward (less memory)
     num_workers: int = 2  # DataLoader worker processes per training process
@@ -235,12 +238,12 @@ def set_trainable(model: TinyGroundingGPT, trains: str) -> None:
         getattr(model, part).requires_grad_(True)
 
 
-def shard(model: TinyGroundingGPT, cfg: TrainConfig) -> None:
-    """FSDP2: each transformer block is its own shard group, then the root (torchtitan's recipe)."""
+def shard(model: TinyGroundingGPT) -> None:
+    """FSDP2: each transformer block is its own shard group, then the root (torchtitan's recipe). The
+    parameters are all-gathered in their own dtype (bf16: no casts); gradients are summed and reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     blocks = list(model.llm.layers) + [b for tower in model.encoder.towers for b in tower.blocks]
     for block in blocks:
         fully_shard(block, mp_policy=policy)
@@ -254,6 +257,78 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class MasterWeightAdamW(torch.optim.Optimizer):
+    """AdamW whose arithmetic is fp32 whatever the parameters' dtype, so that a bf16 model computes with no
+    casts and still learns as an fp32 one. For each bf16 parameter its state keeps an fp32 master copy
+    ("master") next to Adam's moments; gradients are summed in fp32 as they arrive (a hook per parameter, which
+    frees the bf16 gradient: micro-batches accumulate without bf16 rounding); each step updates the masters
+    (torch.optim.adam.adam, as AdamW does) and writes them into the bf16 weights. fp32 parameters are their
+    own masters: then this is AdamW, step for step (tests/test_train.py)."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, eps: float = 1e-8):
+        super().__init__(list(params), dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
+        self.grads: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its fp32 gradient so far
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.register_post_accumulate_grad_hook(self.take_grad)
+
+    def take_grad(self, p: torch.Tensor) -> None:
+        """Move p's new gradient into its fp32 sum (FSDP2 calls this after its reduce-scatter)."""
+        if p in self.grads:
+            self.grads[p].add_(p.grad)
+        else:
+            self.grads[p] = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        p.grad = None
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the fp32 gradients to a global norm of at most max_norm; returns the norm before (a DTensor
+        under FSDP2)."""
+        grads = [self.grads[p] for group in self.param_groups for p in group["params"] if p in self.grads]
+        if not grads:  # (in the parameters' order, not the backward's: the same sum as clip_grad_norm_'s)
+            return torch.zeros(())
+        norm = torch.nn.utils.get_total_norm(grads)
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:  # a gradient set by hand (DCP's state initialisation does)
+                    self.take_grad(p)
+            params = [p for p in group["params"] if p in self.grads]
+            for p in params:
+                if not self.state[p]:
+                    master = {} if p.dtype == torch.float32 else {"master": p.detach().float()}
+                    self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32), **master)
+            state = [self.state[p] for p in params]
+            masters = [s.get("master", p) for s, p in zip(state, params)]
+            adam(
+                masters, [self.grads[p] for p in params], [s["exp_avg"] for s in state],
+                [s["exp_avg_sq"] for s in state], [], [s["step"] for s in state], amsgrad=False,
+                beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
+                eps=group["eps"], maximize=False, decoupled_weight_decay=True)
+            for p, master in zip(params, masters):
+                if master is not p:
+                    p.copy_(master)
+        self.grads.clear()
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
+        self.grads.clear()
+
+    def load_state_dict(self, state_dict: dict):
+        """torch's loader casts every state tensor to its parameter's dtype (bf16 here): put the fp32 back."""
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        for i, p in zip(ids, (p for group in self.param_groups for p in group["params"])):
+            for key, value in saved.get(i, {}).items():
+                if key != "step":
+                    self.state[p][key] = value.to(p.device)
 
 
 # ----------------------------------------------------------------------------- data order
@@ -572,47 +647,47 @@ def prepare_model(cfg: TrainConfig, phase: PhaseSettings, init: str, rank: int, 
     if rank == 0:
         print(f"{phase.name}: starts from {source}")
     set_trainable(model, phase.trains)
+    if cfg.dtype == "bfloat16":  # the optimizer keeps the fp32 masters (MasterWeightAdamW)
+        model.to(torch.bfloat16)
     if cfg.activation_checkpointing:
         model.llm.activation_checkpointing = True
     if cfg.compile:
         for block in model.llm.layers:
             block.compile()
-    if dist.is_initialized():
-        shard(model, cfg)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shard(model)
     return model, tokenizer_path
 
 
-def train_step(model, optimizer, trainable: list, micro_batches: list[dict], lr: float, cfg: TrainConfig, tokenizer,
-               world: int, device, t0: float) -> dict:
+def train_step(model, optimizer: MasterWeightAdamW, micro_batches: list[dict], lr: float, cfg: TrainConfig,
+               tokenizer, world: int, device, t0: float) -> dict:
     """One optimizer step over the global batch's micro-batches of this process -> its log record.
 
     The loss is the mean over all answer tokens of the global batch, whatever the split into processes and
     micro-batches: each micro-batch's mean is reweighted by its share of the tokens (x world size, because
     FSDP averages gradients over processes). t0: when the step began (the batches' loading is part of it)."""
-    sharded = dist.is_initialized()
+    sharded = hasattr(model, "set_requires_gradient_sync")  # an FSDP2 module
     counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
     total_tokens = max(1.0, all_reduce_sum(sum(counts), device))
     for group in optimizer.param_groups:
         group["lr"] = lr
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not sharded)
     loss_sum, look_sum, n_tokens, n_padded = 0.0, 0.0, 0, 0
     for i, batch in enumerate(micro_batches):
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if sharded:
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        with autocast:
-            if cfg.attention_loss:  # the eager attention path, for its probabilities
-                _, loss, attn = model(**batch, return_last_attn=True)
-                look = box_attention_loss(batch, attn, tokenizer, model.config.image_token_id)
-                look_sum += look.item() / len(micro_batches)
-            else:
-                _, loss = model(**batch)
+        if cfg.attention_loss:  # the eager attention path, for its probabilities
+            _, loss, attn = model(**batch, return_last_attn=True)
+            look = box_attention_loss(batch, attn, tokenizer, model.config.image_token_id)
+            look_sum += look.item() / len(micro_batches)
+        else:
+            _, loss = model(**batch)
         objective = loss + cfg.attention_loss * look if cfg.attention_loss else loss
         (objective * (counts[i] / total_tokens * world)).backward()
         loss_sum += loss.item() * counts[i]
         n_tokens += int(batch["attention_mask"].sum())
         n_padded += batch["attention_mask"].numel()
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+    grad_norm = optimizer.clip_grad_norm_(cfg.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -653,7 +728,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     dataset = data.SFTDataset(samples, tokenizer, model.encoder.processor, model.num_image_tokens,
                               model.config.object_tokens, max_len=cfg.max_len, skip_bad=cfg.skip_bad)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding, which replaces them
-    optimizer = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = MasterWeightAdamW(trainable, lr=phase.lr, weight_decay=cfg.weight_decay)
     ckpt_dir = os.path.join(cfg.out_dir, f"{phase.name}-ckpt")
     os.makedirs(ckpt_dir, exist_ok=True)
     start = 0
@@ -688,8 +763,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         t0 = time.time()
         micro_batches = [next(micro_iter) for _ in range(accumulation)]
         lr = lr_at(step, total, phase.lr, cfg.warmup_ratio)
-        record = {"step": step, **train_step(model, optimizer, trainable, micro_batches, lr, cfg, tokenizer, world,
-                                             device, t0)}
+        record = {"step": step, **train_step(model, optimizer, micro_batches, lr, cfg, tokenizer, world, device, t0)}
         history.append(record)
         bar.update(1)
         if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):
