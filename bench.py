@@ -1,4 +1,4 @@
-"""Benchmarks: speed of the encoders, the LM's decode, training steps and data loading.
+"""Benchmarks: speed of the encoders, the LM's decode, REC evaluation, training steps and data loading.
 
 Run `python bench.py NAME [--key=value ...]`. Each benchmark prints one table and the machine it ran on.
 Where a benchmark compares against `transformers`, that package is the reference (as in the tests) and is
@@ -306,6 +306,72 @@ def bench_decode(argv: list[str]):
 
 BENCHMARKS["decode"] = bench_decode
 
+
+
+def bench_eval(argv: list[str]):
+    """REC evaluation speed: eval.answer_all, the path `eval.py --task rec` runs (images read and preprocessed
+    in loader workers, prompts grouped by length, batched greedy decoding; the compiled one-token step with
+    --compile=1, the default on CUDA), over --n expressions on --images distinct JPEGs of COCO's size (640 x
+    480), with the training prompt and the Qwen2.5 tokenizer (tests/fixtures). Random weights at the model's
+    real shapes: 3b (Qwen2.5-3B + CLIP-L/14-336 + DINOv2-L/14, 576 image tokens; the CUDA default, bf16) or
+    tiny (the CPU default, fp32). Answers never stop early: every one is --new tokens, what
+    a box takes with Qwen's tokenizer ("[0.123,0.456,0.789,0.012]" is 25, then the end). The compilation is
+    done in a warm-up batch first and reported apart. Options: --size --n=10834 (RefCOCO val) --images=1500
+    --batch=32 --new=26 --compile --workers=8 (CPU: 64 expressions on 16 images, batch 16, 2 workers)."""
+    import dataclasses
+    import gzip
+    import os
+    import random
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    import data
+    import eval as ev
+    from model import TinyGroundingGPT
+
+    cuda = torch.cuda.is_available()
+    opts = options("eval", argv, size="3b" if cuda else "tiny", n=10834 if cuda else 64,
+                   images=1500 if cuda else 16, batch=32 if cuda else 16, new=26, compile=int(cuda),
+                   workers=8 if cuda else 2)
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    folder = tempfile.mkdtemp(prefix="bench-eval-")
+    with gzip.open(os.path.join(os.path.dirname(__file__), "tests", "fixtures", "qwen2.5_tokenizer.json.gz")) as f:
+        data.atomic_write(os.path.join(folder, "tokenizer.json"), f.read().decode())
+    tok = data.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    config = train_shape(opts["size"])
+    config = dataclasses.replace(
+        config, llm=dataclasses.replace(config.llm, vocab_size=151936), image_token_id=tok.image_pad_id,
+        object_token_id=tok.object_pad_id, pad_token_id=tok.pad_id,
+        stop_token_ids=[], sampleable_size=151936)  # no stop: every answer is --new tokens
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = TinyGroundingGPT(config).to(dtype).eval()
+    rng = np.random.default_rng(0)
+    for i in range(opts["images"]):  # smooth noise, so that JPEG decoding costs what a photo's does
+        small = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((640, 480), Image.BILINEAR).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+    words = "the man woman dog left right red blue shirt small big behind near chair table car white".split()
+    rand = random.Random(0)
+    records = [dict(image=os.path.join(folder, f"{i % opts['images']}.jpg"), width=640, height=480,
+                    expression=" ".join(rand.choices(words, k=rand.randint(1, 8)))) for i in range(opts["n"])]
+    questions = [data.REC_PROMPT.format(r["expression"]) for r in records]
+    compile_s = seconds(ev.answer_all, model, tok, records[: opts["batch"]], questions[: opts["batch"]],
+                        opts["batch"], opts["new"], 0, "", bool(opts["compile"]))
+    total = seconds(ev.answer_all, model, tok, records, questions, opts["batch"], opts["new"], opts["workers"],
+                    "eval", bool(opts["compile"]))
+    prompt = len(data.encode_prompt(tok, "<image>\n" + questions[0], model.num_image_tokens, 16))
+    print(f"# {opts['size']}: {str(dtype).removeprefix('torch.')}, random weights, {opts['n']:,} expressions on "
+          f"{opts['images']:,} images, prompts of ~{prompt} tokens, {opts['new']} new tokens each, batch "
+          f"{opts['batch']}, {opts['workers']} loader workers; compiled step: {bool(opts['compile'])}")
+    print("| what | seconds | expressions/s |")
+    print("|---|---|---|")
+    print(f"| warm-up batch (compilation) | {compile_s:.1f} | - |")
+    print(f"| REC eval, {opts['n']:,} expressions | {total:.1f} | {opts['n'] / total:.1f} |", flush=True)
+
+
+BENCHMARKS["eval"] = bench_eval
 
 
 # ----------------------------------------------------------------------------- training step

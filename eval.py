@@ -78,12 +78,16 @@ class Questions(torch.utils.data.Dataset):
             return i, ids, None, f"{self.records[i]['image']}: {e}"
 
 
-def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=64, workers=2, desc="") -> list:
+def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=64, workers=2, desc="",
+               compile=False) -> list:
     """Greedy answers (text) to one question per record, in the records' order; for a record whose image
     cannot be read, a ReadError in its place (the others are answered). Prompts are grouped by length so that
-    a batch pads little; batching does not change answers (tests/test_eval.py)."""
+    a batch pads little; batching does not change answers (tests/test_eval.py). With compile, decoding runs
+    the compiled one-token step (CUDA graphs on a GPU) and every batch has the same shapes, so it compiles
+    once: the longest prompts come first (their KV cache serves the rest) and a short batch is filled up with
+    copies of its last question (answered, then dropped)."""
     dataset = Questions(records, questions, tok, model)
-    order = sorted(range(len(records)), key=lambda i: len(questions[i]))
+    order = sorted(range(len(records)), key=lambda i: -len(questions[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=lambda items: items
@@ -96,7 +100,9 @@ def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=64,
         items = [item for item in items if item[3] is None]
         if items:
             rows, prompts, pixels, _ = zip(*items)
-            out = model.generate(list(prompts), images=torch.stack(pixels), max_new_tokens=max_new_tokens)
+            fill = batch_size - len(items) if compile else 0
+            out = model.generate(list(prompts) + [prompts[-1]] * fill, images=torch.stack(pixels + pixels[-1:] * fill),
+                                 max_new_tokens=max_new_tokens, compile=compile)
             for row, ids in zip(rows, out):
                 answers[row] = tok.decode(ids)
     return answers
@@ -107,10 +113,10 @@ class ReadError(str):
     its rows carry the reason in "error"."""
 
 
-def evaluate_rec(model, tok, records, batch_size=32, workers=2, desc="") -> list[dict]:
+def evaluate_rec(model, tok, records, batch_size=32, workers=2, desc="", compile=False) -> list[dict]:
     """Per-expression results: the answer, the box read from it, its IoU with the truth, correct at 0.5."""
     questions = [data.REC_PROMPT.format(r["expression"]) for r in records]
-    answers = answer_all(model, tok, records, questions, batch_size, workers=workers, desc=desc)
+    answers = answer_all(model, tok, records, questions, batch_size, workers=workers, desc=desc, compile=compile)
     rows = []
     for r, answer in zip(records, answers):
         pred, overlap = (None, 0.0) if isinstance(answer, ReadError) else score_rec_answer(
@@ -141,9 +147,9 @@ def summarize_rec(rows: list[dict], seconds: float) -> dict:
     )
 
 
-def evaluate_pope(model, tok, records, batch_size=32, workers=2, desc="") -> list[dict]:
+def evaluate_pope(model, tok, records, batch_size=32, workers=2, desc="", compile=False) -> list[dict]:
     """Per-question results: the answer and the yes/no read from it, next to the label."""
-    answers = answer_all(model, tok, records, [r["text"] for r in records], batch_size, 16, workers, desc)
+    answers = answer_all(model, tok, records, [r["text"] for r in records], batch_size, 16, workers, desc, compile)
     return [
         dict(question_id=r["question_id"], text=r["text"], answer="" if isinstance(a, ReadError) else a,
              prediction="unreadable" if isinstance(a, ReadError) else pope_answer(a), label=r["label"],
@@ -236,6 +242,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N questions of each split")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                   help="decode with the compiled one-token step, CUDA graphs on a GPU (default: on a GPU)")
     args = p.parse_args(argv)
 
     rank, world, device = setup_distributed()  # under torchrun: each process answers a slice, rank 0 reports
@@ -252,7 +260,7 @@ def main(argv=None):
         start = time.time()
         mine = range(len(records))[rank::world]  # this process's questions; rows go back in input order
         rows = evaluate(model, tok, [records[i] for i in mine], args.batch_size, args.workers,
-                        desc=f"{args.task} {name}" if rank == 0 else "")
+                        desc=f"{args.task} {name}" if rank == 0 else "", compile=args.compile)
         rows = [{"index": i, **row} for i, row in zip(mine, rows)]
         if world > 1:
             gathered = [None] * world

@@ -313,7 +313,8 @@ class Qwen2(nn.Module):
             raise ValueError("Qwen2.generate expects left-padded prompts (mask rows False..False True..True)")
         if max_new_tokens < 1:
             return [[] for _ in range(B)]
-        cache_len = self.setup_cache(B, P + max_new_tokens, inputs_embeds.dtype, device)
+        cache_len = self.setup_cache(B, cache_length(P + max_new_tokens, self.config.max_position_embeddings),
+                                     inputs_embeds.dtype, device)
         key_valid = torch.ones(B, cache_len, dtype=torch.bool, device=device)  # slots past the end: unused
         key_valid[:, :P] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
@@ -322,8 +323,9 @@ class Qwen2(nn.Module):
         decode = self.decode_step
         if compile:
             if self._compiled_decode is None:
+                # one graph per (batch size, cache length): CUDA graphs replay fixed shapes
                 self._compiled_decode = torch.compile(self.decode_step, mode="reduce-overhead",
-                                                      fullgraph=True)
+                                                      fullgraph=True, dynamic=False)
             decode = self._compiled_decode
         stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -339,6 +341,13 @@ class Qwen2(nn.Module):
             logits = decode(token[:, None], next_position + step, slot + step, key_valid)
         out = torch.stack(tokens, dim=1).tolist()  # [B, steps]
         return [row[:next((i for i, t in enumerate(row) if t in stop_token_ids), len(row))] for row in out]
+
+
+def cache_length(needed: int, context: int) -> int:
+    """The KV cache's length for `needed` slots: the next power of two from 256 on (within the context), so
+    that prompts of many lengths share a few cache shapes, each one compiled decode step and one CUDA graph;
+    a cache that is long enough is reused (setup_cache)."""
+    return max(needed, min(context, 1 << max(8, (needed - 1).bit_length())))
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None):

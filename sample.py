@@ -28,6 +28,7 @@ The server binds 127.0.0.1 unless --host says otherwise, and never fetches a URL
 
 import argparse
 import base64
+import concurrent.futures
 import io
 import json
 import math
@@ -86,8 +87,10 @@ class Session:
         image: Image.Image | None,
         objects: list[list[float]] = (),
         system: str | None = None,
+        compile: bool = False,
     ):
         self.model, self.tok, self.image, self.system = model, tok, image, system
+        self.compile = compile  # decode with the compiled one-token step (model.Qwen2.generate)
         self.history: list[dict] = []
         processor = model.encoder.processor
         self.pixels = processor(image)[None] if image is not None else None  # [1, T, 3, S, S]
@@ -124,7 +127,8 @@ class Session:
                              "tokens")
         max_new_tokens = min(max_new_tokens, context - len(ids))  # the answer ends where the context does
         answer_ids = self.model.generate(
-            [ids], images=images, objects=objects, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+            [ids], images=images, objects=objects, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            compile=self.compile,
         )[0]
         answer = self.tok.decode(answer_ids)
         self.history = self._turns(question) + [{"from": "gpt", "value": answer}]
@@ -289,12 +293,15 @@ def chat_turns(messages, max_image_pixels: int = data.MAX_IMAGE_PIXELS
 
 
 class ChatServer:
-    """/v1/chat/completions over one model; requests are answered one at a time (a lock)."""
+    """/v1/chat/completions over one model. Requests are checked on their connection's thread, then answered
+    one at a time on the model's own thread: CUDA graphs that torch.compile records belong to the thread that
+    recorded them, so a thread per request would record them again (and keep another memory pool) each time."""
 
     def __init__(self, model: TinyGroundingGPT, tok: data.Tokenizer, name: str,
-                 max_image_pixels: int = data.MAX_IMAGE_PIXELS):
-        self.model, self.tok, self.name, self.lock, self.count = model, tok, name, threading.Lock(), 0
-        self.max_image_pixels = max_image_pixels
+                 max_image_pixels: int = data.MAX_IMAGE_PIXELS, compile: bool = False):
+        self.model, self.tok, self.name, self.count = model, tok, name, 0
+        self.max_image_pixels, self.compile = max_image_pixels, compile
+        self.model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def complete(self, request: dict) -> tuple[dict, list[str]]:
         """The chat.completion for a request, and its content cut into the tokens' texts (for streaming)."""
@@ -333,17 +340,22 @@ class ChatServer:
         if not isinstance(request.get("stream", False), bool):
             raise RequestError(400, f"stream must be true or false, got {request['stream']!r}")
         attention = requested_attention(request)  # our extension: the demo page's heat map
-        with self.lock:
-            session = Session(self.model, self.tok, image, objects, system)
-            session.history = turns[:-1]
-            try:
-                answer = session.ask(turns[-1]["value"], temperature, max_tokens, top_p)
-            except ValueError as e:
-                raise RequestError(400, str(e)) from None
-            self.count += 1
-            prompt, completion = len(session.last["prompt_ids"]), len(session.last["answer_ids"])
-            pieces = self.token_texts(session.last["answer_ids"])
-            extra = attention_field(session, attention) if attention else {}  # the model's, under the lock
+        session = Session(self.model, self.tok, image, objects, system, self.compile)
+        session.history = turns[:-1]
+        options = (turns[-1]["value"], temperature, max_tokens, top_p, attention)
+        return self.model_thread.submit(self.answer, session, *options).result()
+
+    def answer(self, session: Session, question: str, temperature: float, max_tokens: int, top_p: float,
+               attention: str | None) -> tuple[dict, list[str]]:
+        """complete's model work, on the model's thread."""
+        try:
+            answer = session.ask(question, temperature, max_tokens, top_p)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+        self.count += 1
+        prompt, completion = len(session.last["prompt_ids"]), len(session.last["answer_ids"])
+        pieces = self.token_texts(session.last["answer_ids"])
+        extra = attention_field(session, attention) if attention else {}
         response = {
             "id": f"chatcmpl-{self.count}",
             "object": "chat.completion",
@@ -572,7 +584,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
 
 def serve(model: TinyGroundingGPT, tok: data.Tokenizer, name: str, host: str, port: int,
-          max_connections: int = 1024, max_image_pixels: int = data.MAX_IMAGE_PIXELS) -> BoundedHTTPServer:
+          max_connections: int = 1024, max_image_pixels: int = data.MAX_IMAGE_PIXELS,
+          compile: bool = False) -> BoundedHTTPServer:
     """The server, bound and listening (call serve_forever). Its limits: max_connections at once, each closed
     after IDLE_SECONDS of silence; bodies up to MAX_BODY arriving within BODY_SECONDS; images up to
     max_image_pixels, two decoded at a time; prompts within the model's context; one generation at a time."""
@@ -580,7 +593,7 @@ def serve(model: TinyGroundingGPT, tok: data.Tokenizer, name: str, host: str, po
     want = max_connections + 64  # every connection holds a file descriptor (often 1024 by default)
     if soft < want and (hard == resource.RLIM_INFINITY or hard >= want):
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    handler = type("Handler", (ChatHandler,), {"chat": ChatServer(model, tok, name, max_image_pixels)})
+    handler = type("Handler", (ChatHandler,), {"chat": ChatServer(model, tok, name, max_image_pixels, compile)})
     httpd = BoundedHTTPServer((host, port), handler, max_connections)
     print(f"serving {name} on http://{host}:{httpd.server_address[1]}/v1/chat/completions", flush=True)
     print(f"demo page on http://{host}:{httpd.server_address[1]}/", flush=True)
@@ -614,7 +627,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-image-pixels", type=int, default=data.MAX_IMAGE_PIXELS,
                    help="--serve: larger images are refused (413) before decoding")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="decode with the compiled one-token step, CUDA graphs on a GPU: a minute to compile, then "
+                        "several times faster (default: with --serve on a GPU)")
     args = p.parse_args(argv)
+    compile = args.compile if args.compile is not None else args.serve and args.device.startswith("cuda")
     if not args.serve and not args.image:
         p.error("give an IMAGE (and a PROMPT), or --serve")
     # the user's input first: a typo fails at once, not after loading a large model
@@ -630,13 +647,13 @@ def main(argv: list[str] | None = None) -> None:
                                    "with another)" if shipped else ""), file=sys.stderr, flush=True)
     if args.serve:
         httpd = serve(model, tok, os.path.basename(os.path.normpath(args.ckpt)), args.host, args.port,
-                      args.max_connections, args.max_image_pixels)
+                      args.max_connections, args.max_image_pixels, compile)
         try:
             httpd.serve_forever()
         except KeyboardInterrupt:
             httpd.server_close()
         return
-    session = Session(model, tok, image, objects)
+    session = Session(model, tok, image, objects, compile=compile)
     stem = os.path.splitext(args.image)[0]
 
     def turn(question: str):

@@ -285,8 +285,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the fp32 gradients to a global norm of at most max_norm; returns the norm before (a DTensor
         under FSDP2)."""
+        # in the parameters' order, not the backward's: the same sum as torch's clip_grad_norm_
         grads = [self.grads[p] for group in self.param_groups for p in group["params"] if p in self.grads]
-        if not grads:  # (in the parameters' order, not the backward's: the same sum as clip_grad_norm_'s)
+        if not grads:
             return torch.zeros(())
         norm = torch.nn.utils.get_total_norm(grads)
         torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))

@@ -6,6 +6,7 @@ import pickle
 import shutil
 
 import pytest
+import torch
 from conftest import load
 
 import data
@@ -170,6 +171,28 @@ def test_batched_answers_equal_one_at_a_time(ckpt, shapes, tmp_path):
         assert answers == [row["answer"] for row in read_jsonl(single)]
         if task == "rec":
             assert len(set(answers)) > 12  # the answers depend on the input: the comparison can fail
+
+
+def test_compiled_decoding_compiles_once_and_answers_as_eager(ckpt, shapes, monkeypatch):
+    """`eval.py --compile` (the default on a GPU) against its slow twin: the same answers, and one compilation
+    of the one-token step for every batch of every prompt length, also for the short last batch (each new
+    shape would cost a compilation and a CUDA graph: ~a minute at 3B). A counting backend stands in for
+    inductor, which would take minutes to build on this CPU; the graph it gets is the one inductor compiles."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile(fn, backend=counter, fullgraph=True,
+                                                                        dynamic=options["dynamic"]))
+    torch._dynamo.reset()
+    model, tok = load(ckpt)
+    splits = ev.splits_of(ev.argparse.Namespace(data=str(shapes), refs=None, split="", image_dir=None, task="rec"))
+    records = [r for name in sorted(splits) for r in splits[name]][:22]
+    assert len({len(r["expression"]) for r in records}) > 4 and len(records) % 6  # lengths vary; a short last batch
+    compiled = ev.evaluate_rec(model, tok, records, batch_size=6, workers=0, compile=True)
+    assert counter.frame_count == 1
+    eager = ev.evaluate_rec(model, tok, records, batch_size=6, workers=0)
+    assert [r["answer"] for r in compiled] == [r["answer"] for r in eager]
+    torch._dynamo.reset()
 
 
 def test_prompts_put_the_image_where_the_model_was_trained_to_see_it(ckpt):

@@ -2,6 +2,7 @@
 OpenAI-compatible server answering good requests and refusing bad ones (4xx JSON, never a crash)."""
 
 import base64
+import concurrent.futures
 import io
 import json
 import os
@@ -296,6 +297,30 @@ def test_server_streams_server_sent_events_that_join_to_the_answer(server):
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
     assert chunks[-1]["usage"] == whole["usage"]
     assert chat(server, {**body, "stream": "yes"}).status_code == 400
+
+
+def test_server_generates_on_one_thread_whatever_the_connection(server, loaded, monkeypatch):
+    """Requests from several connections at once: every generation runs on the same thread, one at a time
+    (CUDA graphs recorded by `--compile` belong to the thread that recorded them), and each gets its answer."""
+    model, _ = loaded
+    threads, running, overlap = [], [0], [False]
+    generate = model.generate
+
+    def recording(*args, **kwargs):
+        threads.append(threading.get_ident())
+        running[0] += 1
+        overlap[0] |= running[0] > 1
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(model, "generate", recording)
+    bodies = [{"messages": [{"role": "user", "content": f"Hello number {i}"}], "max_tokens": 4} for i in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda body: chat(server, body), bodies))
+    assert all(r.status_code == 200 for r in replies) and len(threads) == 6
+    assert len(set(threads)) == 1 and threads[0] != threading.get_ident() and not overlap[0]
 
 
 def test_server_lists_its_model(server):
