@@ -81,14 +81,16 @@ class Questions(torch.utils.data.Dataset):
 def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=64, workers=2, desc="",
                compile=False) -> list:
     """Greedy answers (text) to one question per record, in the records' order; for a record whose image
-    cannot be read, a ReadError in its place (the others are answered). Prompts are grouped by length so that
-    a batch pads little; batching does not change answers (tests/test_eval.py). With compile, decoding runs
+    cannot be read, a ReadError in its place (the others are answered). The questions about one image are
+    batched together and its tokens computed once per batch (model.generate's image_of: RefCOCO asks ~7
+    questions per image); batching does not change answers (tests/test_eval.py). With compile, decoding runs
     the compiled one-token step (CUDA graphs on a GPU) and every batch has the same shapes, so it compiles
-    once: the longest prompts come first (their KV cache serves the rest) and a short batch is filled up with
-    copies of its last question (answered, then dropped)."""
+    once: the batch with the longest question comes first (its KV cache serves the rest) and a short batch is
+    filled up with copies of its last question (answered, then dropped)."""
     dataset = Questions(records, questions, tok, model)
-    order = sorted(range(len(records)), key=lambda i: -len(questions[i]))
+    order = sorted(range(len(records)), key=lambda i: (records[i]["image"], len(questions[i])))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches.sort(key=lambda batch: -max(len(questions[i]) for i in batch))
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=lambda items: items
     )
@@ -99,11 +101,15 @@ def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=64,
                 answers[row] = ReadError(error)
         items = [item for item in items if item[3] is None]
         if items:
-            rows, prompts, pixels, _ = zip(*items)
-            fill = batch_size - len(items) if compile else 0
-            out = model.generate(list(prompts) + [prompts[-1]] * fill, images=torch.stack(pixels + pixels[-1:] * fill),
-                                 max_new_tokens=max_new_tokens, compile=compile)
-            for row, ids in zip(rows, out):
+            n = len(items)
+            items += [items[-1]] * (batch_size - n if compile else 0)
+            images = {}  # path -> the pixels of the batch's distinct images, in order
+            for row, _, pixels, _ in items:
+                images.setdefault(records[row]["image"], pixels)
+            image_of = [list(images).index(records[row]["image"]) for row, *_ in items]
+            out = model.generate([ids for _, ids, _, _ in items], images=torch.stack(list(images.values())),
+                                 max_new_tokens=max_new_tokens, compile=compile, image_of=image_of)
+            for (row, *_), ids in zip(items[:n], out):
                 answers[row] = tok.decode(ids)
     return answers
 

@@ -113,10 +113,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """slots [L]; k, v [B, kv_heads, L, head_dim] -> the whole cache [B, kv_heads, max_len, head_dim]."""
-        self.k[:, :, slots] = k
-        self.v[:, :, slots] = v
-        return self.k, self.v
+        """slots [L]; k, v [n, kv_heads, L, head_dim] -> the cache's first n rows [n, kv_heads, max_len, head_dim]
+        (n < B: shared prompt starts are computed in the first rows, then copied: Qwen2.generate)."""
+        n = k.shape[0]
+        self.k[:n, :, slots] = k
+        self.v[:n, :, slots] = v
+        return self.k[:n], self.v[:n]
 
 
 class Attention(nn.Module):
@@ -296,30 +298,43 @@ class Qwen2(nn.Module):
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 64, stop_token_ids=(), sampleable_size: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 compile: bool = False) -> list[list[int]]:
+                 compile: bool = False, prefix_embeds: torch.Tensor | None = None,
+                 prefix_of: torch.Tensor | None = None) -> list[list[int]]:
         """New tokens per row, stopping each row at its first stop token (excluded).
 
-        inputs_embeds [B, P, C] are LEFT-padded prompts, attention_mask [B, P] True on real tokens. Left
-        padding makes every row's prompt end at slot P-1, so all rows write the same cache slot at each decode
-        step (one slot index for the batch, as in gpt-fast); RoPE positions are counted per row over real
-        tokens, so a padded row computes exactly what it would alone. Ids >= sampleable_size never come out.
+        inputs_embeds [B, L, C] are LEFT-padded prompts, attention_mask [B, L] True on real tokens. Left
+        padding makes every row's prompt end at the same slot, so all rows write the same cache slot at each
+        decode step (one slot index for the batch, as in gpt-fast); RoPE positions are counted per row over
+        real tokens, so a padded row computes exactly what it would alone. Ids >= sampleable_size never come
+        out. With prefix_embeds [U, Lp, C] (no padding) and prefix_of [B]: row b's prompt is
+        prefix_embeds[prefix_of[b]] followed by inputs_embeds[b]. Each of the U prefixes is computed once, in
+        the cache's first rows, and its keys and values copied to the rows that share it (several questions
+        about one image prefill its tokens once).
         """
-        B, P, _ = inputs_embeds.shape
+        B, L, _ = inputs_embeds.shape
         device = inputs_embeds.device
         if attention_mask is None:
-            attention_mask = torch.ones(B, P, dtype=torch.bool, device=device)
+            attention_mask = torch.ones(B, L, dtype=torch.bool, device=device)
         attention_mask = attention_mask.to(device=device, dtype=torch.bool)
         if (attention_mask[:, 1:] < attention_mask[:, :-1]).any() or not attention_mask[:, -1].all():
             raise ValueError("Qwen2.generate expects left-padded prompts (mask rows False..False True..True)")
         if max_new_tokens < 1:
             return [[] for _ in range(B)]
+        Lp = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+        P = Lp + L
         cache_len = self.setup_cache(B, cache_length(P + max_new_tokens, self.config.max_position_embeddings),
                                      inputs_embeds.dtype, device)
         key_valid = torch.ones(B, cache_len, dtype=torch.bool, device=device)  # slots past the end: unused
-        key_valid[:, :P] = attention_mask
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        key_valid[:, Lp:P] = attention_mask
+        if Lp:  # the shared prefixes: computed in the first U rows, then copied to their rows
+            self(inputs_embeds=prefix_embeds, attention_mask=key_valid[:len(prefix_embeds)],
+                 cache_slots=torch.arange(Lp, device=device), last_only=True, hidden_only=True)
+            for layer in self.layers:
+                cache = layer.self_attn.cache
+                cache.k[:, :, :Lp], cache.v[:, :, :Lp] = cache.k[prefix_of, :, :Lp], cache.v[prefix_of, :, :Lp]
+        positions = Lp + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
         logits = self(inputs_embeds=inputs_embeds, attention_mask=key_valid, positions=positions,
-                      cache_slots=torch.arange(P, device=device), last_only=True)[:, -1]  # prefill: [B, V]
+                      cache_slots=torch.arange(Lp, P, device=device), last_only=True)[:, -1]  # prefill: [B, V]
         decode = self.decode_step
         if compile:
             if self._compiled_decode is None:
@@ -539,21 +554,34 @@ class TinyGroundingGPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], images=None, objects=None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 compile: bool = False) -> list[list[int]]:
-        """New token ids per prompt (stop token excluded). Prompts are left-padded (see Qwen2.generate)."""
+                 compile: bool = False, image_of: list[int] | None = None) -> list[list[int]]:
+        """New token ids per prompt (stop token excluded). Prompts are left-padded (see Qwen2.generate).
+        image_of[b]: prompt b is about images[image_of[b]] (several prompts about one image, and no objects).
+        Then the prompts' common start, through the image, is computed once per image: their ids must be the
+        same up to the end of the image's tokens (as eval.py's questions are)."""
         if not prompts or not all(prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts")
         device = self.llm.embed_tokens.weight.device
+        c = self.config
+        prefix_embeds = prefix_of = None
+        if image_of is not None:
+            shared = shared_start(prompts)  # the prompts' common start; each row keeps >= 1 token of its own
+            if objects is not None or c.image_token_id in [t for p in prompts for t in p[shared:]]:
+                raise ValueError("generate(image_of=...) needs prompts that are the same through the image's "
+                                 "tokens, and no objects")
+            prefix = torch.tensor([prompts[0][:shared]] * len(images), device=device)  # [U, Lp]
+            prefix_embeds = self.embed(prefix, images)
+            prefix_of = torch.tensor(image_of, device=device)
+            prompts, images = [p[shared:] for p in prompts], None
         P = max(map(len, prompts))
-        ids = torch.full((len(prompts), P), self.config.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(prompts), P), c.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(prompts), P, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
             ids[row, P - len(prompt):] = torch.tensor(prompt)
             mask[row, P - len(prompt):] = True
         embeds = self.embed(ids.to(device), images, objects)
-        c = self.config
         return self.llm.generate(embeds, mask.to(device), max_new_tokens, c.stop_token_ids, c.sampleable_size,
-                                 temperature, top_p, generator, compile)
+                                 temperature, top_p, generator, compile, prefix_embeds, prefix_of)
 
     # ------------------------------------------------------------------------- saving and loading
 
@@ -636,6 +664,15 @@ class TinyGroundingGPT(nn.Module):
         model = cls(TinyGroundingGPTConfig(**{**fields, **overrides}), encoder=encoder, llm=llm)
         model.projector.to(device=device, dtype=dtype)
         return model.eval()
+
+
+def shared_start(prompts: list[list[int]]) -> int:
+    """How many first ids all prompts share, leaving each at least one of its own."""
+    n = min(map(len, prompts)) - 1
+    for i in range(n):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return i
+    return max(n, 0)
 
 
 def image_attention(attn: torch.Tensor, ids: torch.Tensor, queries, image_token_id: int) -> torch.Tensor:

@@ -173,6 +173,23 @@ def test_batched_answers_equal_one_at_a_time(ckpt, shapes, tmp_path):
             assert len(set(answers)) > 12  # the answers depend on the input: the comparison can fail
 
 
+def test_questions_about_one_image_are_batched_with_it_and_answered_as_alone(ckpt, shapes, monkeypatch):
+    """Several expressions per image, as in RefCOCO: a batch computes each image's tokens once (generate gets
+    fewer images than questions) and answers as one question at a time does."""
+    model, tok = load(ckpt)
+    base = ev.splits_of(ev.argparse.Namespace(data=str(shapes), refs=None, split="", image_dir=None,
+                                              task="rec"))["testA"]
+    records = [{**base[i], "expression": base[(i + k) % len(base)]["expression"]} for k in range(3) for i in range(4)]
+    calls, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda prompts, images, **kw: calls.append((len(prompts), len(images)))
+                        or generate(prompts, images, **kw))
+    together = ev.evaluate_rec(model, tok, records, batch_size=6, workers=0)
+    assert sorted(calls) == [(6, 2), (6, 2)]  # two batches, each 3 questions about each of 2 images
+    alone = ev.evaluate_rec(model, tok, records, batch_size=1, workers=0)
+    assert [r["answer"] for r in together] == [r["answer"] for r in alone]
+    assert len({r["answer"] for r in alone}) > 4  # the answers depend on the question: the check can fail
+
+
 def test_compiled_decoding_compiles_once_and_answers_as_eager(ckpt, shapes, monkeypatch):
     """`eval.py --compile` (the default on a GPU) against its slow twin: the same answers, and one compilation
     of the one-token step for every batch of every prompt length, also for the short last batch (each new

@@ -309,6 +309,27 @@ def test_multimodal_generate_batched_equals_one_at_a_time():
     assert all(len(row) <= 6 and all(t < 63 for t in row) for row in together)
 
 
+def test_questions_sharing_an_image_prefill_it_once_and_answer_as_alone():
+    """generate(image_of=...), eval's fast path for several questions about one image, against its slow twin
+    (each prompt with its own copy of the image): the same answers, and the prompts' common start through the
+    image is computed once per image (the LM runs on U prefixes, then on the rows' own tokens)."""
+    torch.manual_seed(0)
+    model = TinyGroundingGPT(tiny_config()).eval()
+    start = [1, 2] + [IMAGE] * 16 + [3, 4]
+    prompts = [start + [5], start + [6, 7, 8], start + [9, 10], start + [11, 12, 13, 14], start + [5]]
+    image_of = [0, 1, 0, 2, 2]
+    images = torch.randn(3, 2, 3, 16, 16)
+    lengths = []
+    hook = model.llm.layers[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[:2]))
+    shared = model.generate(prompts, images, max_new_tokens=6, image_of=image_of)
+    hook.remove()
+    assert [tuple(n) for n in lengths[:2]] == [(3, len(start)), (5, 4)]  # 3 prefixes of 20, then 5 rows of <= 4
+    alone = model.generate(prompts, images[image_of], max_new_tokens=6)
+    assert shared == alone and len({tuple(row) for row in alone}) > 2  # answers that depend on the input
+    with pytest.raises(ValueError, match="the same through the image"):
+        model.generate([[1] + [IMAGE] * 16, [2] + [IMAGE] * 16], images[:2], image_of=[0, 1])
+
+
 def test_save_and_from_pretrained_round_trip(tmp_path):
     torch.manual_seed(0)
     model = TinyGroundingGPT(tiny_config()).eval()
