@@ -322,6 +322,7 @@ def bench_eval(argv: list[str]):
     import gzip
     import os
     import random
+    import shutil
     import tempfile
 
     import numpy as np
@@ -357,18 +358,19 @@ def bench_eval(argv: list[str]):
     records = [dict(image=os.path.join(folder, f"{i % opts['images']}.jpg"), width=640, height=480,
                     expression=" ".join(rand.choices(words, k=rand.randint(1, 8)))) for i in range(opts["n"])]
     questions = [data.REC_PROMPT.format(r["expression"]) for r in records]
+    prompt = len(data.encode_prompt(tok, "<image>\n" + questions[0], model.num_image_tokens, 16))
+    print(f"# {opts['size']}: {str(dtype).removeprefix('torch.')}, random weights, {opts['n']:,} expressions on "
+          f"{opts['images']:,} images, prompts of ~{prompt} tokens, {opts['new']} new tokens each, batch "
+          f"{opts['batch']}, {opts['workers']} loader workers; compiled step: {bool(opts['compile'])}", flush=True)
     compile_s = seconds(ev.answer_all, model, tok, records[: opts["batch"]], questions[: opts["batch"]],
                         opts["batch"], opts["new"], 0, "", bool(opts["compile"]))
     total = seconds(ev.answer_all, model, tok, records, questions, opts["batch"], opts["new"], opts["workers"],
                     "eval", bool(opts["compile"]))
-    prompt = len(data.encode_prompt(tok, "<image>\n" + questions[0], model.num_image_tokens, 16))
-    print(f"# {opts['size']}: {str(dtype).removeprefix('torch.')}, random weights, {opts['n']:,} expressions on "
-          f"{opts['images']:,} images, prompts of ~{prompt} tokens, {opts['new']} new tokens each, batch "
-          f"{opts['batch']}, {opts['workers']} loader workers; compiled step: {bool(opts['compile'])}")
     print("| what | seconds | expressions/s |")
     print("|---|---|---|")
     print(f"| warm-up batch (compilation) | {compile_s:.1f} | - |")
     print(f"| REC eval, {opts['n']:,} expressions | {total:.1f} | {opts['n'] / total:.1f} |", flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 BENCHMARKS["eval"] = bench_eval
