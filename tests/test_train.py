@@ -200,13 +200,14 @@ def test_master_weight_adamw_keeps_fp32_masters_of_bf16_weights_across_a_resume(
 
 def test_bf16_weights_follow_fp32_training_on_cpu(init_dir, tmp_path):
     """train.py's default path (bf16 parameters, fp32 masters) against its slow twin (fp32 parameters) from the
-    same weights on the same batches, with gradient accumulation: the same losses within bf16 noise."""
+    same weights on the same batches, with gradient accumulation: the same losses within bf16 noise (2% over 4
+    steps; without the master weights' updates the bf16 losses stay put and miss it)."""
     args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=64,64,64,64", "--batch_size=8",
-            "--max_steps=6", "--lr=1e-3"]
+            "--max_steps=4", "--lr=1e-3"]
     run([*args, f"--out_dir={tmp_path / 'fp32'}"])
     run([*args, "--dtype=bfloat16", f"--out_dir={tmp_path / 'bf16'}"])
     fp32, bf16 = losses(tmp_path / "fp32", "stage2"), losses(tmp_path / "bf16", "stage2")
-    assert len(bf16) == 6 and bf16 == pytest.approx(fp32, rel=2e-2)
+    assert len(bf16) == 4 and bf16 == pytest.approx(fp32, rel=2e-2)
     assert all(v.dtype == torch.bfloat16 for v in weights(tmp_path / "bf16", "stage2").values())
 
 
