@@ -12,8 +12,10 @@ checkpoint in `{out_dir}/{phase}-ckpt`.
 
 Precision policy (one place): with --dtype bfloat16 (the default) the parameters themselves are bf16, so
 nothing is cast per step (no autocast, no FSDP2 param_dtype); MasterWeightAdamW keeps an fp32 master copy of
-each trainable parameter, sums gradients in fp32 and updates in fp32. FSDP2 reduces gradients in fp32. Norms,
-softmax and the loss are computed in fp32 by model.py. One process, or torchrun with one process: no FSDP2.
+each trainable parameter and updates it in fp32; micro-batch gradients are summed in fp32 (FSDP2: summed and
+reduced in fp32, then handed over in bf16). Norms, softmax and the loss are computed in fp32 by model.py.
+Exports hold the bf16 weights (what eval and sample run); the masters live in the checkpoints. One process, or
+torchrun with one process: no FSDP2.
 """
 
 import argparse
@@ -27,6 +29,7 @@ import re
 import shutil
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -260,22 +263,29 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
-    """AdamW whose arithmetic is fp32 whatever the parameters' dtype, so that a bf16 model computes with no
-    casts and still learns as an fp32 one. For each bf16 parameter its state keeps an fp32 master copy
-    ("master") next to Adam's moments; gradients are summed in fp32 as they arrive (a hook per parameter, which
-    frees the bf16 gradient: micro-batches accumulate without bf16 rounding); each step updates the masters
-    (torch.optim.adam.adam, as AdamW does) and writes them into the bf16 weights. fp32 parameters are their
-    own masters: then this is AdamW, step for step (tests/test_train.py)."""
+    """AdamW whose update is fp32 whatever the parameters' dtype, so that a bf16 model computes with no casts
+    and small updates are not lost to bf16 rounding. For each bf16 parameter its state keeps an fp32 master
+    copy ("master") next to Adam's moments; gradients are summed in fp32 as they arrive (a hook per parameter,
+    which frees the bf16 gradient; under FSDP2 the gradient arrives reduced in fp32, then rounded to bf16 by
+    FSDP2); each step updates the masters (torch.optim.adam.adam, as AdamW does) and writes them into the bf16
+    weights. fp32 parameters are their own masters: then this is AdamW, step for step (tests/test_train.py)."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, eps: float = 1e-8):
         super().__init__(list(params), dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
         self.grads: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its fp32 gradient so far
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.register_post_accumulate_grad_hook(self.take_grad)
+        me = weakref.ref(self)  # a parameter's hook must not keep its optimizer (and all its state) alive
+
+        def hook(p):
+            if (optimizer := me()) is not None:
+                optimizer.take_grad(p)
+        self.hooks = [p.register_post_accumulate_grad_hook(hook) for group in self.param_groups
+                      for p in group["params"]]
+        weakref.finalize(self, lambda handles: [h.remove() for h in handles], self.hooks)
 
     def take_grad(self, p: torch.Tensor) -> None:
         """Move p's new gradient into its fp32 sum (FSDP2 calls this after its reduce-scatter)."""
+        if p.grad is None:
+            return
         if p in self.grads:
             self.grads[p].add_(p.grad)
         else:

@@ -198,6 +198,21 @@ def test_master_weight_adamw_keeps_fp32_masters_of_bf16_weights_across_a_resume(
             assert torch.equal(resumed.state[p][key], optimizer.state[p][key])
 
 
+def test_master_weight_adamw_is_freed_with_its_state_when_dropped():
+    """Each parameter's gradient hook holds its optimizer weakly: a phase's optimizer (masters and moments:
+    ~6x the bf16 weights) is freed when dropped, before the next phase builds its own, and its hooks go."""
+    import gc
+    import weakref
+
+    net, x, y = tiny_regression(torch.bfloat16)
+    optimizer = train.MasterWeightAdamW(net.parameters(), lr=1e-2)
+    accumulated_steps(net, optimizer, x, y, steps=1)
+    gone = weakref.ref(optimizer)
+    del optimizer
+    gc.collect()
+    assert gone() is None and not any(p._post_accumulate_grad_hooks for p in net.parameters())
+
+
 def test_bf16_weights_follow_fp32_training_on_cpu(init_dir, tmp_path):
     """train.py's default path (bf16 parameters, fp32 masters) against its slow twin (fp32 parameters) from the
     same weights on the same batches, with gradient accumulation: the same losses within bf16 noise (2% over 4
