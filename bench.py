@@ -310,7 +310,8 @@ BENCHMARKS["decode"] = bench_decode
 
 def bench_eval(argv: list[str]):
     """REC evaluation speed: eval.answer_all, the path `eval.py --task rec` runs (images read and preprocessed
-    in loader workers, prompts grouped by length, batched greedy decoding; the compiled one-token step with
+    in loader workers, the questions about one image batched together, its tokens computed once, batched
+    greedy decoding; the compiled one-token step with
     --compile=1, the default on CUDA), over --n expressions on --images distinct JPEGs of COCO's size (640 x
     480), with the training prompt and the Qwen2.5 tokenizer (tests/fixtures). Random weights at the model's
     real shapes: 3b (Qwen2.5-3B + CLIP-L/14-336 + DINOv2-L/14, 576 image tokens; the CUDA default, bf16) or

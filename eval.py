@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from model import TinyGroundingGPT, setup_distributed
+from model import TinyGroundingGPT, cache_length, setup_distributed
 
 # ----------------------------------------------------------------------------- scoring (pure functions)
 
@@ -58,60 +58,65 @@ def pope_metrics(predictions: list[str], labels: list[str]) -> dict:
 # ----------------------------------------------------------------------------- batched answering
 
 
-class Questions(torch.utils.data.Dataset):
-    """(prompt ids, pixels [T, 3, S, S]) per record; images are read and preprocessed in loader workers."""
+class QuestionBatches(torch.utils.data.Dataset):
+    """Whole batches, read in loader workers: for a list of record indices, the pixels [T, 3, S, S] of each
+    distinct image they ask about, read and preprocessed once however many questions share it."""
 
-    def __init__(self, records: list[dict], questions: list[str], tok, model):
-        self.records, self.questions, self.tok = records, questions, tok
-        self.processor, self.n_image, self.n_object = (model.encoder.processor, model.num_image_tokens,
-                                                       model.config.object_tokens)
+    def __init__(self, records: list[dict], processor):
+        self.records, self.processor = records, processor
 
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        """(i, prompt ids, pixels or None, why the image could not be read or None)."""
-        ids = data.encode_prompt(self.tok, "<image>\n" + self.questions[i], self.n_image, self.n_object)
-        try:
-            return i, ids, self.processor(data.load_image(self.records[i]["image"])), None
-        except (OSError, ValueError) as e:  # unreadable, truncated or oversized: this question only
-            return i, ids, None, f"{self.records[i]['image']}: {e}"
+    def __getitem__(self, rows: list[int]) -> tuple[list[int], dict]:
+        """(rows, {image path: pixels, or why it could not be read (a str)})."""
+        images = {}
+        for path in dict.fromkeys(self.records[row]["image"] for row in rows):
+            try:
+                images[path] = self.processor(data.load_image(path))
+            except (OSError, ValueError) as e:  # unreadable, truncated or oversized: its questions only
+                images[path] = f"{path}: {e}"
+        return rows, images
 
 
 def answer_all(model, tok, records, questions, batch_size=32, max_new_tokens=64, workers=2, desc="",
                compile=False) -> list:
     """Greedy answers (text) to one question per record, in the records' order; for a record whose image
     cannot be read, a ReadError in its place (the others are answered). The questions about one image are
-    batched together and its tokens computed once per batch (model.generate's image_of: RefCOCO asks ~7
-    questions per image); batching does not change answers (tests/test_eval.py). With compile, decoding runs
-    the compiled one-token step (CUDA graphs on a GPU) and every batch has the same shapes, so it compiles
-    once: the batch with the longest question comes first (its KV cache serves the rest) and a short batch is
+    batched together, its pixels read once and its tokens computed once per batch (model.generate's image_of:
+    RefCOCO asks ~7 questions per image); batching does not change answers (tests/test_eval.py). With
+    compile, decoding runs the compiled one-token step (CUDA graphs on a GPU) and every batch has the same
+    shapes, so it compiles once: one KV cache for the longest prompt serves every batch, and a short batch is
     filled up with copies of its last question (answered, then dropped)."""
-    dataset = Questions(records, questions, tok, model)
-    order = sorted(range(len(records)), key=lambda i: (records[i]["image"], len(questions[i])))
+    n_image, n_object = model.num_image_tokens, model.config.object_tokens
+    prompts = [data.encode_prompt(tok, "<image>\n" + q, n_image, n_object) for q in questions]
+    order = sorted(range(len(records)), key=lambda i: (records[i]["image"], len(prompts[i])))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches.sort(key=lambda batch: -max(len(questions[i]) for i in batch))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, collate_fn=lambda items: items
-    )
+    if compile and prompts:
+        context = model.config.llm.max_position_embeddings
+        model.llm.setup_cache(batch_size, cache_length(max(map(len, prompts)) + max_new_tokens, context))
+    loader = torch.utils.data.DataLoader(QuestionBatches(records, model.encoder.processor), sampler=batches,
+                                         batch_size=None, num_workers=workers, collate_fn=lambda batch: batch)
     answers = [None] * len(records)
-    for items in tqdm(loader, total=len(batches), desc=desc, leave=False, disable=not desc):
-        for row, _, _, error in items:
-            if error:
+    for rows, images in tqdm(loader, total=len(batches), desc=desc, leave=False, disable=not desc):
+        for row in rows:
+            if isinstance(error := images[records[row]["image"]], str):
                 answers[row] = ReadError(error)
-        items = [item for item in items if item[3] is None]
-        if items:
-            n = len(items)
-            items += [items[-1]] * (batch_size - n if compile else 0)
-            images = {}  # path -> the pixels of the batch's distinct images, in order
-            for row, _, pixels, _ in items:
-                images.setdefault(records[row]["image"], pixels)
-            image_of = [list(images).index(records[row]["image"]) for row, *_ in items]
-            out = model.generate([ids for _, ids, _, _ in items], images=torch.stack(list(images.values())),
-                                 max_new_tokens=max_new_tokens, compile=compile, image_of=image_of)
-            for (row, *_), ids in zip(items[:n], out):
+        rows = [row for row in rows if answers[row] is None]
+        if rows:
+            n = len(rows)
+            rows += [rows[-1]] * (batch_size - n if compile else 0)
+            paths = [path for path, pixels in images.items() if not isinstance(pixels, str)]
+            out = model.generate([prompts[row] for row in rows], images=torch.stack([images[p] for p in paths]),
+                                 max_new_tokens=max_new_tokens, compile=compile,
+                                 image_of=[paths.index(records[row]["image"]) for row in rows])
+            for row, ids in zip(rows[:n], out):
                 answers[row] = tok.decode(ids)
     return answers
+
+
+def split_by_image(records: list[dict], rank: int, world: int) -> list[int]:
+    """This process's questions under torchrun: whole images dealt out in turn, so that the questions about
+    one image stay together (and share its computation)."""
+    turn = {path: k % world for k, path in enumerate(dict.fromkeys(r["image"] for r in records))}
+    return [i for i, r in enumerate(records) if turn[r["image"]] == rank]
 
 
 class ReadError(str):
@@ -264,7 +269,7 @@ def main(argv=None):
     results, all_rows = {}, []
     for name, records in splits.items():
         start = time.time()
-        mine = range(len(records))[rank::world]  # this process's questions; rows go back in input order
+        mine = split_by_image(records, rank, world)  # this process's questions; rows go back in input order
         rows = evaluate(model, tok, [records[i] for i in mine], args.batch_size, args.workers,
                         desc=f"{args.task} {name}" if rank == 0 else "", compile=args.compile)
         rows = [{"index": i, **row} for i, row in zip(mine, rows)]

@@ -565,13 +565,17 @@ class TinyGroundingGPT(nn.Module):
         c = self.config
         prefix_embeds = prefix_of = None
         if image_of is not None:
+            if images is None or len(image_of) != len(prompts) or not all(0 <= i < len(images) for i in image_of):
+                raise ValueError(f"generate: image_of needs one index into the {0 if images is None else len(images)}"
+                                 f" images per prompt ({len(prompts)}), got {list(image_of)}")
             shared = shared_start(prompts)  # the prompts' common start; each row keeps >= 1 token of its own
             if objects is not None or c.image_token_id in [t for p in prompts for t in p[shared:]]:
                 raise ValueError("generate(image_of=...) needs prompts that are the same through the image's "
                                  "tokens, and no objects")
-            prefix = torch.tensor([prompts[0][:shared]] * len(images), device=device)  # [U, Lp]
-            prefix_embeds = self.embed(prefix, images)
-            prefix_of = torch.tensor(image_of, device=device)
+            used = sorted(set(image_of))  # only the images asked about: U <= B rows of the cache
+            prefix = torch.tensor([prompts[0][:shared]] * len(used), device=device)  # [U, Lp]
+            prefix_embeds = self.embed(prefix, images[used])
+            prefix_of = torch.tensor([used.index(i) for i in image_of], device=device)
             prompts, images = [p[shared:] for p in prompts], None
         P = max(map(len, prompts))
         ids = torch.full((len(prompts), P), c.pad_token_id, dtype=torch.long)

@@ -303,6 +303,10 @@ class ChatServer:
         self.max_image_pixels, self.compile = max_image_pixels, compile
         self.model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
+    def close(self):
+        """Drop the queued requests (the one being answered finishes): Ctrl-C does not wait for the queue."""
+        self.model_thread.shutdown(wait=False, cancel_futures=True)
+
     def complete(self, request: dict) -> tuple[dict, list[str]]:
         """The chat.completion for a request, and its content cut into the tokens' texts (for streaming)."""
         if not isinstance(request, dict):
@@ -652,6 +656,7 @@ def main(argv: list[str] | None = None) -> None:
             httpd.serve_forever()
         except KeyboardInterrupt:
             httpd.server_close()
+            httpd.RequestHandlerClass.chat.close()
         return
     session = Session(model, tok, image, objects, compile=compile)
     stem = os.path.splitext(args.image)[0]

@@ -212,12 +212,22 @@ def test_compiled_decoding_compiles_once_and_answers_as_eager(ckpt, shapes, monk
     torch._dynamo.reset()
 
 
-def test_prompts_put_the_image_where_the_model_was_trained_to_see_it(ckpt):
+def test_prompts_put_the_image_where_the_model_was_trained_to_see_it(ckpt, monkeypatch):
     model, tok = load(ckpt)
     photo = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "photos", "coffee.jpg")
     n_image, n_object = model.num_image_tokens, model.config.object_tokens
-    _, ids, _, _ = ev.Questions([{"image": photo}], ["Where is it?"], tok, model)[0]
-    assert ids == data.encode_prompt(tok, "<image>\nWhere is it?", n_image, n_object)
+    asked = []
+    monkeypatch.setattr(model, "generate", lambda prompts, **kw: asked.extend(prompts) or [[]] * len(prompts))
+    ev.answer_all(model, tok, [{"image": photo}], ["Where is it?"], workers=0)
+    assert asked == [data.encode_prompt(tok, "<image>\nWhere is it?", n_image, n_object)]
+
+
+def test_torchrun_processes_get_whole_images():
+    records = [{"image": f"{i % 5}.png"} for i in range(23)]  # 5 images, questions about each scattered
+    parts = [ev.split_by_image(records, rank, 3) for rank in range(3)]
+    assert sorted(i for part in parts for i in part) == list(range(23))  # every question, once
+    owners = {records[i]["image"]: {rank for rank, part in enumerate(parts) if i in part} for i in range(23)}
+    assert all(len(ranks) == 1 for ranks in owners.values()) and all(parts)
 
 
 def test_limit_and_a_single_jsonl_file_in_a_loader_worker(ckpt, shapes, tmp_path):

@@ -328,6 +328,12 @@ def test_questions_sharing_an_image_prefill_it_once_and_answer_as_alone():
     assert shared == alone and len({tuple(row) for row in alone}) > 2  # answers that depend on the input
     with pytest.raises(ValueError, match="the same through the image"):
         model.generate([[1] + [IMAGE] * 16, [2] + [IMAGE] * 16], images[:2], image_of=[0, 1])
+    for bad in ([0], [0, 3], [0, -1]):  # one index per prompt, each naming one of the images
+        with pytest.raises(ValueError, match="image_of needs one index into the 3 images per prompt"):
+            model.generate(prompts[:2], images, image_of=bad)
+    # 3 images, 2 prompts about the last one: the images nobody asks about are not computed (nor overflow the rows)
+    assert model.generate(prompts[:2], images, max_new_tokens=6, image_of=[2, 2]) == \
+        model.generate(prompts[:2], images[[2, 2]], max_new_tokens=6)
 
 
 def test_save_and_from_pretrained_round_trip(tmp_path):
