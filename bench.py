@@ -427,6 +427,23 @@ def train_shape(size: str):
                                   sampleable_size=llm.vocab_size - 2)
 
 
+def transformers_training_step(llm, ids: torch.Tensor, checkpointing: bool):
+    """-> one training step (forward + backward) of transformers' Qwen2 LM of shape `llm` on ids [B, T]: bf16
+    weights on a GPU (fp32 on a CPU), SDPA, no optimizer."""
+    import transformers
+
+    with torch.device(ids.device):
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+            num_hidden_layers=llm.num_hidden_layers, num_attention_heads=llm.num_attention_heads,
+            num_key_value_heads=llm.num_key_value_heads, tie_word_embeddings=llm.tie_word_embeddings,
+            attn_implementation="sdpa")).to(torch.bfloat16 if ids.is_cuda else torch.float32)
+    if checkpointing:
+        hf.gradient_checkpointing_enable()
+    hf.train()
+    return lambda: hf(input_ids=ids, labels=ids).loss.backward()
+
+
 def bench_train(argv: list[str]):
     """Training speed: train.py's own step on the whole TinyGroundingGPT (frozen towers on one image per
     sample, projector, LLM; random weights): bf16 parameters, forward + backward, then MasterWeightAdamW's
@@ -439,10 +456,10 @@ def bench_train(argv: list[str]):
     train.py does for several processes, here with one) --optimizer=1 (0: ours forward+backward only)
     --hf=1 (0: ours only) --profile=0 (N: profile one more step, print its N costliest kernels)
     (CPU: batch 4, seq 256, ac 0)."""
+    import functools
     import os
 
     import torch.distributed as dist
-    import transformers
 
     import train
     from model import Qwen2, TinyGroundingGPT
@@ -488,18 +505,6 @@ def bench_train(argv: list[str]):
             optimizer.zero_grad()
         return step
 
-    def reference():  # -> one training step of transformers' Qwen2 LM of the same shape, bf16 weights, SDPA
-        with torch.device(device):
-            hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-                vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
-                num_hidden_layers=llm.num_hidden_layers, num_attention_heads=llm.num_attention_heads,
-                num_key_value_heads=llm.num_key_value_heads, tie_word_embeddings=llm.tie_word_embeddings,
-                attn_implementation="sdpa")).to(torch.bfloat16 if cuda else torch.float32)
-        if hf_ac:
-            hf.gradient_checkpointing_enable()
-        hf.train()
-        return lambda: hf(input_ids=ids, labels=ids).loss.backward()
-
     with torch.device("meta"):  # parameter count without allocating anything
         n_params = sum(p.numel() for p in Qwen2(llm).parameters())
     flops = 6 * n_params + 12 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim * T
@@ -508,6 +513,7 @@ def bench_train(argv: list[str]):
           f"transformers {hf_ac}; compiled blocks (ours) {bool(opts['compile'])}; one model on the device at a time")
     print(f"{'implementation':<34} {'s/step':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
     ours_name = ("ours, FSDP2" if opts["fsdp"] else "ours") + (" (+ AdamW step)" if opts["optimizer"] else "")
+    reference = functools.partial(transformers_training_step, llm, ids, hf_ac)
     for name, build in [(ours_name, ours), ("transformers Qwen2 LM", reference)][:1 + opts["hf"]]:
         time_training_step(name, build, opts["iters"], B * T, flops * B * T, train.peak_flops(device), opts["profile"])
     dist.destroy_process_group()
