@@ -212,6 +212,27 @@ def test_compiled_decoding_compiles_once_and_answers_as_eager(ckpt, shapes, monk
     torch._dynamo.reset()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compiled_eval_records_cuda_graphs_and_answers_as_eager(ckpt, shapes):
+    """`eval.py --compile` on a GPU, what the CPU test above cannot show: inductor and CUDA graphs (none
+    skipped: the KV cache is written inside the graph), the shared image prefixes, the same answers as eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = ev.TinyGroundingGPT.from_pretrained(str(ckpt), dtype=torch.float32, device="cuda")
+    tok = data.Tokenizer.from_file(os.path.join(str(ckpt), "tokenizer.json"))
+    splits = ev.splits_of(ev.argparse.Namespace(data=str(shapes), refs=None, split="", image_dir=None, task="rec"))
+    records = [r for name in sorted(splits) for r in splits[name]]
+    records += [{**r, "expression": "the big one"} for r in records[:5]]  # a second question about 5 images
+    compiled = ev.evaluate_rec(model, tok, records, batch_size=6, workers=0, compile=True)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    eager = ev.evaluate_rec(model, tok, records, batch_size=6, workers=0)
+    assert [r["answer"] for r in compiled] == [r["answer"] for r in eager]
+    torch._dynamo.reset()
+
+
 def test_prompts_put_the_image_where_the_model_was_trained_to_see_it(ckpt, monkeypatch):
     model, tok = load(ckpt)
     photo = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "photos", "coffee.jpg")
