@@ -217,8 +217,8 @@ def test_bf16_weights_follow_fp32_training_on_cpu(init_dir, tmp_path):
     """train.py's default path (bf16 parameters, fp32 masters) against its slow twin (fp32 parameters) from the
     same weights on the same batches, with gradient accumulation: the same losses within bf16 noise (2% over 4
     steps; without the master weights' updates the bf16 losses stay put and miss it)."""
-    args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=64,64,64,64", "--batch_size=8",
-            "--max_steps=4", "--lr=1e-3"]
+    args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=64,64,64,64", "--batch_size=4",
+            "--micro_batch_size=2", "--max_steps=4", "--lr=1e-3"]
     run([*args, f"--out_dir={tmp_path / 'fp32'}"])
     run([*args, "--dtype=bfloat16", f"--out_dir={tmp_path / 'bf16'}"])
     fp32, bf16 = losses(tmp_path / "fp32", "stage2"), losses(tmp_path / "bf16", "stage2")
