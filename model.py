@@ -569,7 +569,7 @@ class TinyGroundingGPT(nn.Module):
                 raise ValueError(f"generate: image_of needs one index into the {0 if images is None else len(images)}"
                                  f" images per prompt ({len(prompts)}), got {list(image_of)}")
             shared = shared_start(prompts)  # the prompts' common start; each row keeps >= 1 token of its own
-            if objects is not None or c.image_token_id in [t for p in prompts for t in p[shared:]]:
+            if objects is not None or any(c.image_token_id in p[shared:] for p in prompts):
                 raise ValueError("generate(image_of=...) needs prompts that are the same through the image's "
                                  "tokens, and no objects")
             used = sorted(set(image_of))  # only the images asked about: U <= B rows of the cache
@@ -673,10 +673,7 @@ class TinyGroundingGPT(nn.Module):
 def shared_start(prompts: list[list[int]]) -> int:
     """How many first ids all prompts share, leaving each at least one of its own."""
     n = min(map(len, prompts)) - 1
-    for i in range(n):
-        if any(p[i] != prompts[0][i] for p in prompts):
-            return i
-    return max(n, 0)
+    return next((i for i in range(n) if any(p[i] != prompts[0][i] for p in prompts)), n)
 
 
 def image_attention(attn: torch.Tensor, ids: torch.Tensor, queries, image_token_id: int) -> torch.Tensor:
