@@ -84,6 +84,7 @@ class TrainConfig:
     # object is in the image
     attention_loss: float = 0.0
     # shapes preset only (shapes.py):
+    budget: str = "quick"  # "quick" (~15 min on a 2-core CPU) or "full" (~90 min: shapes.FULL_BUDGET's defaults)
     tower_steps: int = 400  # steps of batch 64 pretraining the tiny towers before stage 1 (0: none)
     shapes_samples: str = "3200,3200,28800,6400"  # samples per epoch: stage1 pretrain, finetune, 2, 3
     # stage 2 and 3's mix of sample kinds: "rec:1", "pope:1,rec:1" (shapes.STAGE2_KINDS / STAGE3_KINDS names;
@@ -128,7 +129,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
     parser = argparse.ArgumentParser(prog="train.py", usage="%(prog)s [--key=value ...]  (--help lists every key)",
                                      description=(__doc__ or "").split("\n\n")[0], allow_abbrev=False)
-    choices, helps = {"stage": list(STAGE_PHASES), "preset": ["paper", "shapes"]}, field_help()
+    choices = {"stage": list(STAGE_PHASES), "preset": ["paper", "shapes"], "budget": ["quick", "full"]}
+    helps = field_help()
     for f in dataclasses.fields(TrainConfig):
         names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
         flag = isinstance(f.default, bool)
@@ -142,7 +144,12 @@ def parse_args(argv: list[str]) -> TrainConfig:
         joined.append(f"{arg}={argv[i + 1]}" if pair else arg)
         i += 2 if pair else 1
     given = {k: v for k, v in vars(parser.parse_args(joined)).items() if v is not None}
-    return TrainConfig(**{**(shapes.PRESET if given.get("preset") == "shapes" else {}), **given})
+    if given.get("preset") != "shapes":
+        if given.get("budget", "quick") != "quick":
+            parser.error("--budget is the shapes preset's (add --preset shapes)")
+        return TrainConfig(**given)
+    budget = shapes.FULL_BUDGET if given.get("budget") == "full" else {}
+    return TrainConfig(**{**shapes.PRESET, **budget, **given})
 
 
 @dataclass
