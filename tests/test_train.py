@@ -76,6 +76,17 @@ def test_parse_args_rejects_unknown_keys_and_bad_types():
             train.parse_args(bad)
 
 
+def test_the_full_budget_is_the_shapes_preset_with_longer_phases_and_user_flags_still_win():
+    quick, full = train.parse_args(["--preset=shapes"]), train.parse_args(["--preset=shapes", "--budget", "full"])
+    assert (full.tower_steps, full.shapes_samples, full.out_dir) == (1500, "3200,3200,172800,25600", "runs/shapes-full")
+    assert (quick.tower_steps, quick.out_dir) == (400, "runs/shapes")  # separate folders: one never resumes the other
+    assert (full.attention_loss, full.dtype) == (quick.attention_loss, quick.dtype)  # the rest is the preset's
+    assert train.parse_args(["--preset=shapes", "--budget=full", "--tower_steps=7"]).tower_steps == 7
+    for bad in (["--budget=full"], ["--preset=shapes", "--budget=huge"]):  # the paper preset has no budgets
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+
+
 def test_shapes_curriculum_flags_reach_the_data_and_bad_ones_stop_before_training(tmp_path):
     flags = ["--shapes_kinds=pope:1,rec:1", "--shapes_scene=min_objects=2,duplicate_prob=0"]
     cfg = train.parse_args(["--preset=shapes", *flags])
