@@ -472,8 +472,9 @@ PRESET = dict(  # train.py's defaults under --preset shapes: a tiny model traine
     # (docs/experiments.md)
     attention_loss=1.0,
 )
-# `--budget full`: the shipped model's recipe as one command, ~90 min on a 2-core CPU: longer tower
-# pretraining, 2x the quickstart's stage 1, ~7x its stage 2, ~5x its stage 3 (docs/experiments.md)
+# `--budget full`: the longer CPU recipe, ~75-95 min on a 2-core CPU: longer tower pretraining, 2x the quickstart's
+# stage 1, ~7x its stage 2, ~5x its stage 3. It does not reach the shipped model, which took 16 chained runs
+# (docs/experiments.md, "One command").
 FULL_BUDGET = dict(out_dir="runs/shapes-full", tower_steps=1500, shapes_samples="3200,3200,172800,25600")
 PHASE_SETTINGS = {  # random weights: every phase trains the LM, at far larger learning rates than fine-tuning
     "stage1-pretrain": dict(trains="llm+projector", lr=2e-3, batch_size=32, epochs=1.0),
