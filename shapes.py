@@ -472,7 +472,7 @@ PRESET = dict(  # train.py's defaults under --preset shapes: a tiny model traine
     # (docs/experiments.md)
     attention_loss=1.0,
 )
-# `--budget full`: the longer CPU recipe, ~75-100 min on a 2-core CPU: longer tower pretraining, the quickstart's
+# `--budget full`: the longer CPU recipe, 88-95 min on a 2-core CPU: longer tower pretraining, the quickstart's
 # stage 1, 6x its stage 2, 4x its stage 3, no attention loss. It does not reach the shipped model, which took 16
 # chained runs (docs/experiments.md, "One command").
 FULL_BUDGET = dict(out_dir="runs/shapes-full", tower_steps=1500, shapes_samples="3200,3200,172800,25600",
