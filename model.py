@@ -208,8 +208,14 @@ class Qwen2(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
         self.config = config
+        # nn.Embedding without its own init, drawn here off the meta device only: on it (exports are built there
+        # to be loaded) torch's normal_ imports torch._dynamo, ~2 s of every load
+        embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                    _weight=torch.empty(config.vocab_size, config.hidden_size))
+        if not embed_tokens.weight.is_meta:
+            nn.init.normal_(embed_tokens.weight)  # nn.Embedding's own draw: a seed makes the same random model
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            embed_tokens=embed_tokens,
             layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
@@ -384,7 +390,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, g
 
 def init_weights(module: nn.Module):
     """Random init (as transformers' Qwen2, initializer_range 0.02) for tests, benchmarks and tiny models."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
+    if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:  # meta: to be loaded
         nn.init.normal_(module.weight, std=0.02)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)

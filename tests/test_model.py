@@ -367,6 +367,23 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
         TinyGroundingGPT.from_pretrained(str(tmp_path / "out"))
 
 
+def test_loading_an_export_does_not_import_torch_dynamo():
+    """Exports are built on the meta device, where torch's normal_ imports torch._dynamo: ~2 s of every
+    sample.py or eval.py start (a subprocess: a fresh interpreter). A random model still gets its init."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, model; model.TinyGroundingGPT.from_pretrained('assets/shapes-model'); "
+            "print('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
+    config = Qwen2Config(vocab_size=500, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    weight = Qwen2(config).embed_tokens.weight
+    assert weight.requires_grad and 0.018 < weight.std() < 0.022 and abs(weight.mean()) < 0.002
+
+
 def test_an_export_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """A death while an export is written (here: copying the tokenizer, the last file) leaves no folder that
     looks exported; before, config.json and model.safetensors stood there without tokenizer.json."""
