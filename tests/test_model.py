@@ -4,6 +4,8 @@ against a full recompute, generation, and the TinyGroundingGPT forward / save / 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -370,9 +372,6 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
 def test_loading_an_export_does_not_import_torch_dynamo():
     """Exports are built on the meta device, where torch's normal_ imports torch._dynamo: ~2 s of every
     sample.py or eval.py start (a subprocess: a fresh interpreter). A random model still gets its init."""
-    import subprocess
-    import sys
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys, model; model.TinyGroundingGPT.from_pretrained('assets/shapes-model'); "
             "print('torch._dynamo' in sys.modules)")
