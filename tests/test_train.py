@@ -437,7 +437,7 @@ def test_stage_hand_off_trains_only_what_each_phase_trains(init_dir, tmp_path):
 
 
 def test_shapes_towers_are_pretrained_then_frozen(tmp_path):
-    out, steps = tmp_path / "run", 24
+    out, steps = tmp_path / "run", 12
     log = run([*COMMON, "--stage=1", f"--out_dir={out}", f"--tower_steps={steps}", "--shapes_samples=16,16,16,16",
                "--batch_size=8", "--max_steps=1"])
     tower_losses = [float(x) for x in re.findall(rf"^towers +\d+/{steps} \| loss ([0-9.]+)", log, re.M)]
