@@ -83,6 +83,9 @@ class TrainConfig:
     # weight of box_attention_loss (0: off; the shapes preset: 1), which tells the LM where a box answer's
     # object is in the image
     attention_loss: float = 0.0
+    # the stage-2 step from which it applies (stage 2's earlier steps: the answer loss alone). From a random LM
+    # it held the answer loss back; the shipped chain added it once the LM read boxes (docs/experiments.md)
+    attention_loss_from: int = 0
     # shapes preset only (shapes.py):
     budget: str = "quick"  # "quick" (12-21 min on a 2-core CPU) or "full" (88-95 min: shapes.FULL_BUDGET's defaults)
     tower_steps: int = 400  # steps of batch 64 pretraining the tiny towers before stage 1 (0: none)
@@ -678,12 +681,13 @@ def prepare_model(cfg: TrainConfig, phase: PhaseSettings, init: str, rank: int, 
 
 
 def train_step(model, optimizer: MasterWeightAdamW, micro_batches: list[dict], lr: float, cfg: TrainConfig,
-               tokenizer, world: int, device, t0: float) -> dict:
+               tokenizer, world: int, device, t0: float, look_weight: float = 0.0) -> dict:
     """One optimizer step over the global batch's micro-batches of this process -> its log record.
 
     The loss is the mean over all answer tokens of the global batch, whatever the split into processes and
     micro-batches: each micro-batch's mean is reweighted by its share of the tokens (x world size, because
-    FSDP averages gradients over processes). t0: when the step began (the batches' loading is part of it)."""
+    FSDP averages gradients over processes). t0: when the step began (the batches' loading is part of it).
+    look_weight: box_attention_loss's weight in the objective this step (0: off)."""
     sharded = hasattr(model, "set_requires_gradient_sync")  # an FSDP2 module
     counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
     total_tokens = max(1.0, all_reduce_sum(sum(counts), device))
@@ -694,13 +698,13 @@ def train_step(model, optimizer: MasterWeightAdamW, micro_batches: list[dict], l
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if sharded:
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        if cfg.attention_loss:  # the eager attention path, for its probabilities
+        if look_weight:  # the eager attention path, for its probabilities
             _, loss, attn = model(**batch, return_last_attn=True)
             look = box_attention_loss(batch, attn, tokenizer, model.config.image_token_id)
             look_sum += look.item() / len(micro_batches)
         else:
             _, loss = model(**batch)
-        objective = loss + cfg.attention_loss * look if cfg.attention_loss else loss
+        objective = loss + look_weight * look if look_weight else loss
         (objective * (counts[i] / total_tokens * world)).backward()
         loss_sum += loss.item() * counts[i]
         n_tokens += int(batch["attention_mask"].sum())
@@ -717,7 +721,7 @@ def train_step(model, optimizer: MasterWeightAdamW, micro_batches: list[dict], l
         tokens_per_s=round(all_reduce_sum(n_tokens, device) / dt, 1),
         padding=round(1 - n_tokens / max(1, n_padded), 4),  # this process's share of padded positions
         dt=round(dt, 4),
-        **({"attention_loss": round(all_reduce_sum(look_sum, device) / world, 4)} if cfg.attention_loss else {}),
+        **({"attention_loss": round(all_reduce_sum(look_sum, device) / world, 4)} if look_weight else {}),
     )
 
 
@@ -781,7 +785,9 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         t0 = time.time()
         micro_batches = [next(micro_iter) for _ in range(accumulation)]
         lr = lr_at(step, total, phase.lr, cfg.warmup_ratio)
-        record = {"step": step, **train_step(model, optimizer, micro_batches, lr, cfg, tokenizer, world, device, t0)}
+        look = cfg.attention_loss if phase.name != "stage2" or step >= cfg.attention_loss_from else 0.0
+        record = {"step": step, **train_step(model, optimizer, micro_batches, lr, cfg, tokenizer, world, device, t0,
+                                             look)}
         history.append(record)
         bar.update(1)
         if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):

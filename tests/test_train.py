@@ -122,16 +122,20 @@ def test_box_attention_loss_reads_the_answer_box_and_scores_the_look():
     assert loss("A red circle at " + box, 15) == 0.0  # the answer does not start with a box: no term
 
 
-def test_attention_loss_trains_and_is_logged(init_dir, tmp_path):
+def test_attention_loss_trains_and_is_logged_from_its_stage2_step(init_dir, tmp_path):
     args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=64,64,64,64", "--batch_size=8",
             "--max_steps=2", "--shapes_kinds=rec:1"]
-    assert "attn loss" in run([*args, f"--out_dir={tmp_path / 'with'}"])  # on in the shapes preset
+    assert "attn loss" in run([*args, "--attention_loss_from=1", f"--out_dir={tmp_path / 'with'}"])  # on: the preset
     run([*args, "--attention_loss=0", f"--out_dir={tmp_path / 'without'}"])
     rows = [json.loads(line) for line in open(tmp_path / "with" / "stage2.metrics.jsonl")]
     plain = [json.loads(line) for line in open(tmp_path / "without" / "stage2.metrics.jsonl")]
-    assert len(rows) == 2 and all(r["attention_loss"] > 0 for r in rows) and "attention_loss" not in plain[0]
-    # the same first batch: the logged answer loss is the same, the gradient is not (the term is in the backward)
-    assert rows[0]["loss"] == plain[0]["loss"] and rows[0]["grad_norm"] != plain[0]["grad_norm"]
+    assert len(rows) == 2 and "attention_loss" not in plain[0] and "attention_loss" not in plain[1]
+    # step 0 is before --attention_loss_from: the answer loss alone, so the very step the run without it took
+    assert "attention_loss" not in rows[0] and rows[0] == {**plain[0], "dt": rows[0]["dt"],
+                                                           "tokens_per_s": rows[0]["tokens_per_s"]}
+    # step 1 has the term: the same batch and weights give the same answer loss, not the same gradient
+    assert rows[1]["attention_loss"] > 0
+    assert rows[1]["loss"] == plain[1]["loss"] and rows[1]["grad_norm"] != plain[1]["grad_norm"]
 
 
 def tiny_regression(dtype, seed=0):
