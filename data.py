@@ -13,6 +13,7 @@ Pickle note: RefCOCO's refs(unc|umd).p are pickles, so reading one runs code: re
 """
 
 import argparse
+import collections.abc
 import json
 import os
 import pickle
@@ -751,6 +752,23 @@ def load_image(image, image_root: str = "", max_pixels: int = MAX_IMAGE_PIXELS) 
         raise ImageTooLarge(f"{name}: {e}") from None
 
 
+class SampleLengths(collections.abc.Sequence):
+    """SFTDataset.lengths: dataset.length(i) for each i, counted when asked."""
+
+    def __init__(self, dataset: "SFTDataset"):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.dataset.length(j) for j in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        return self.dataset.length(i % len(self))
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """Samples (a list from load_samples/the readers, or ShapesStageData) -> tensors, in DataLoader workers:
     ChatML ids and labels, the global image [1, T, 3, S, S] and one crop per <object> [n, T, 3, S, S].
@@ -765,35 +783,36 @@ class SFTDataset(torch.utils.data.Dataset):
         self.num_image_tokens, self.num_object_tokens = num_image_tokens, num_object_tokens
         self.max_len = max_len
         self.skipped, self.system, self.image_root = _counter(skip_bad), system, image_root
-        self._lengths = None
+        self._fixed = None  # token counts that every sample has (length)
 
     def __len__(self):
         return len(self.samples)
 
     @property
-    def lengths(self) -> list[int]:
-        """Token count of every sample (placeholders included, capped at max_len), for length grouping;
-        computed once, exactly as encode_conversation splits the text, in one batched tokenizer call."""
-        if self._lengths is None:
-            get = getattr(self.samples, "conversations", None) or (lambda i: self.samples[i]["conversations"])
-            marker_cost = {"<image>": self.num_image_tokens + 2, "<object>": self.num_object_tokens + 2}
-            per_turn = 2 + len(self.tok.encode("\n"))  # <|im_start|>, <|im_end|>, "\n"
+    def lengths(self) -> "SampleLengths":
+        """Token count of each sample, for length grouping: a sequence that counts sample i when asked (a
+        batch sampler asks for the samples of one megabatch at a time), so that a run of millions of samples
+        neither waits for nor holds them all."""
+        return SampleLengths(self)
+
+    def length(self, i: int) -> int:
+        """Sample i's token count (placeholders included, capped at max_len), exactly as encode_conversation
+        splits its text, without its image."""
+        get = getattr(self.samples, "conversations", None)  # ShapesStageData: the text without drawing
+        turns = get(i) if get else self.samples[i]["conversations"]
+        if self._fixed is None:  # the system turn; each turn's <|im_start|>, <|im_end|> and "\n"
             system = len(encode_conversation(self.tok, [], 0, 0, self.system)[0])
-            lengths, pieces, owners = [], [], []
-            for i in range(len(self)):
-                turns = get(i)
-                lengths.append(system + per_turn * len(turns))
-                for turn in turns:
-                    for part in MARKER_RE.split(f"{ROLES[turn['from']]}\n{turn['value']}"):
-                        if part in marker_cost:
-                            lengths[i] += marker_cost[part]
-                        elif part:
-                            pieces.append(part)
-                            owners.append(i)
-            for i, enc in zip(owners, self.tok.tok.encode_batch(pieces, add_special_tokens=False)):
-                lengths[i] += len(enc.ids)
-            self._lengths = [min(n, self.max_len) for n in lengths]
-        return self._lengths
+            self._fixed = (system, 2 + len(self.tok.encode("\n")))
+        system, per_turn = self._fixed
+        n = system + per_turn * len(turns)
+        marker_cost = {"<image>": self.num_image_tokens + 2, "<object>": self.num_object_tokens + 2}
+        for turn in turns:
+            for part in MARKER_RE.split(f"{ROLES[turn['from']]}\n{turn['value']}"):
+                if part in marker_cost:
+                    n += marker_cost[part]
+                elif part:
+                    n += len(self.tok.encode(part))
+        return min(n, self.max_len)
 
     def __getitem__(self, i: int) -> dict:
         for attempt in range(len(self)):

@@ -367,7 +367,7 @@ class StepBatches:
 
     def __init__(
         self,
-        lengths: list[int],
+        lengths: "data.SampleLengths | list[int]",
         batch_size: int,
         micro: int,
         rank: int,
@@ -383,23 +383,35 @@ class StepBatches:
         self.seed, self.start_step, self.total_steps, self.group = seed, start_step, total_steps, max(1, group)
         self.micro = min(micro, batch_size // world)
         self.steps_per_epoch = len(lengths) // batch_size
+        self._permutation, self._megabatch = (None, None), (None, None)  # (key, value) of the last computed
         if self.steps_per_epoch == 0:
             sys.exit(f"error: the dataset has {len(lengths)} samples, fewer than one global batch ({batch_size})")
 
     def step_indices(self, step: int) -> list[list[int]]:
         epoch, pos = divmod(step, self.steps_per_epoch)
         B, mega, within = self.batch_size, *divmod(pos, self.group)
-        perm = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + epoch))
-        members = perm[mega * self.group * B : min((mega + 1) * self.group, self.steps_per_epoch) * B].tolist()
-        members.sort(key=lambda i: self.lengths[i])  # stable: ties keep the permutation's order
-        order = torch.randperm(
-            len(members) // B,
-            generator=torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + mega),
-        ).tolist()
+        members, order = self.megabatch(epoch, mega)
         batch = members[order[within] * B : (order[within] + 1) * B]
         per_rank = B // self.world
         mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
         return [mine[i : i + self.micro] for i in range(0, per_rank, self.micro)]
+
+    def megabatch(self, epoch: int, mega: int) -> tuple[list[int], list[int]]:
+        """Megabatch `mega` of `epoch`: its samples sorted by length, and the order its global batches go in.
+        Kept for the megabatch's other steps (as the epoch's permutation is for its other megabatches)."""
+        if self._megabatch[0] != (epoch, mega):
+            if self._permutation[0] != epoch:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                self._permutation = (epoch, torch.randperm(len(self.lengths), generator=generator))
+            B, end = self.batch_size, min((mega + 1) * self.group, self.steps_per_epoch)
+            members = self._permutation[1][mega * self.group * B : end * B].tolist()
+            members.sort(key=lambda i: self.lengths[i])  # stable: ties keep the permutation's order
+            order = torch.randperm(
+                len(members) // B,
+                generator=torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + mega),
+            ).tolist()
+            self._megabatch = ((epoch, mega), (members, order))
+        return self._megabatch[1]
 
     def __iter__(self):
         for step in range(self.start_step, self.total_steps):

@@ -462,7 +462,7 @@ def test_collate_gives_the_batch_contract():
     assert int((batch["input_ids"] == tok.image_pad_id).sum()) == 4
     assert int((batch["input_ids"] == tok.object_pad_id).sum()) == 2 * 2
     assert data.collate([dataset[1]])["images"] is None
-    assert dataset.lengths == [n0, int(batch["attention_mask"][1].sum())]
+    assert list(dataset.lengths) == [n0, int(batch["attention_mask"][1].sum())]
 
 
 def test_shapes_stage2_through_a_dataloader():

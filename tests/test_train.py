@@ -270,6 +270,22 @@ def test_length_grouping_cuts_padding():
     assert padding(16) < 0.1 < 0.3 < padding(1)
 
 
+def test_a_step_counts_only_its_megabatch_lengths():
+    # a long run's samples are not all drawn and tokenized before its first step (1.28M took 8 min and 7 GB)
+    tok = data.Tokenizer.from_file(shapes.SHAPES_TOKENIZER)
+    dataset = data.SFTDataset(shapes.ShapesStageData("stage2", 10_000_000, seed=0), tok, None, 64, 4, max_len=256)
+    counted = []
+    length = dataset.length
+    dataset.length = lambda i: counted.append(i) or length(i)
+    batches = train.StepBatches(dataset.lengths, 32, 32, 0, 1, seed=0, start_step=5, total_steps=9, group=3)
+    first = batches.step_indices(5)[0]
+    assert len(first) == 32 and len(counted) == 3 * 32  # steps 3-5 are the second megabatch: 96 samples
+    assert batches.step_indices(4) and len(counted) == 96  # its other steps count nothing again
+    assert [dataset.lengths[i] for i in first] == sorted(dataset.lengths[i] for i in first)
+    ids, _ = data.encode_conversation(tok, dataset.samples.conversations(first[0]), 64, 4)
+    assert dataset.lengths[first[0]] == len(ids)
+
+
 def test_two_process_fsdp_matches_one_process(init_dir, tmp_path):
     args = [
         *COMMON,
