@@ -761,9 +761,7 @@ class SampleLengths(collections.abc.Sequence):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self.dataset.length(j) for j in range(len(self))[i]]
+    def __getitem__(self, i: int) -> int:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} of {len(self)}")
         return self.dataset.length(i % len(self))
@@ -783,7 +781,9 @@ class SFTDataset(torch.utils.data.Dataset):
         self.num_image_tokens, self.num_object_tokens = num_image_tokens, num_object_tokens
         self.max_len = max_len
         self.skipped, self.system, self.image_root = _counter(skip_bad), system, image_root
-        self._fixed = None  # token counts that every sample has (length)
+        # token counts that every sample has (length): the system turn; each turn's <|im_start|>, <|im_end|>, "\n"
+        self._system_tokens = len(encode_conversation(tokenizer, [], 0, 0, system)[0])
+        self._tokens_per_turn = 2 + len(tokenizer.encode("\n"))
 
     def __len__(self):
         return len(self.samples)
@@ -800,11 +800,7 @@ class SFTDataset(torch.utils.data.Dataset):
         splits its text, without its image."""
         get = getattr(self.samples, "conversations", None)  # ShapesStageData: the text without drawing
         turns = get(i) if get else self.samples[i]["conversations"]
-        if self._fixed is None:  # the system turn; each turn's <|im_start|>, <|im_end|> and "\n"
-            system = len(encode_conversation(self.tok, [], 0, 0, self.system)[0])
-            self._fixed = (system, 2 + len(self.tok.encode("\n")))
-        system, per_turn = self._fixed
-        n = system + per_turn * len(turns)
+        n = self._system_tokens + self._tokens_per_turn * len(turns)
         marker_cost = {"<image>": self.num_image_tokens + 2, "<object>": self.num_object_tokens + 2}
         for turn in turns:
             for part in MARKER_RE.split(f"{ROLES[turn['from']]}\n{turn['value']}"):

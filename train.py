@@ -693,7 +693,7 @@ def prepare_model(cfg: TrainConfig, phase: PhaseSettings, init: str, rank: int, 
 
 
 def train_step(model, optimizer: MasterWeightAdamW, micro_batches: list[dict], lr: float, cfg: TrainConfig,
-               tokenizer, world: int, device, t0: float, look_weight: float = 0.0) -> dict:
+               tokenizer, world: int, device, t0: float, look_weight: float) -> dict:
     """One optimizer step over the global batch's micro-batches of this process -> its log record.
 
     The loss is the mean over all answer tokens of the global batch, whatever the split into processes and
