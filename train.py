@@ -836,8 +836,8 @@ def main(argv: list[str]) -> None:
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        with open(os.path.join(cfg.out_dir, f"config-stage{cfg.stage}.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        data.atomic_write(os.path.join(cfg.out_dir, f"config-stage{cfg.stage}.json"),
+                          json.dumps(dataclasses.asdict(cfg), indent=1))
     for name in STAGE_PHASES[cfg.stage] if cfg.preset == "shapes" else []:  # bad --shapes_* values stop the
         shapes_stage_data(cfg, name)  # run now, not at the stage they concern
     if cfg.preset == "shapes" and cfg.tower_steps > 0 and cfg.stage in ("1", "all") and not cfg.init:
