@@ -473,7 +473,7 @@ PRESET = dict(  # train.py's defaults under --preset shapes: a tiny model traine
     attention_loss=1.0,
 )
 # `--budget full`: the shipped model's recipe, ~4.9 h on a 2-core CPU: longer tower pretraining, the quickstart's
-# stage 1, a stage 2 of 40,000 steps and a 2,400-step stage 3 (POPE 8 points above 1,200 steps', REC the same).
+# stage 1, a stage 2 of 40,000 steps and a 2,400-step stage 3 (POPE ~8 points above 1,200 steps, REC the same).
 # The attention loss starts at stage-2 step 18,000: from a random LM it held the answer loss back, once the LM
 # read boxes it paid (docs/experiments.md)
 FULL_BUDGET = dict(out_dir="runs/shapes-full", tower_steps=1500, shapes_samples="3200,3200,1280000,76800",
