@@ -835,9 +835,9 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        data.atomic_write(os.path.join(cfg.out_dir, f"config-stage{cfg.stage}.json"),
-                          json.dumps(dataclasses.asdict(cfg), indent=1))
+        settings = json.dumps(dataclasses.asdict(cfg), indent=1)
+        print(settings)
+        data.atomic_write(os.path.join(cfg.out_dir, f"config-stage{cfg.stage}.json"), settings)
     for name in STAGE_PHASES[cfg.stage] if cfg.preset == "shapes" else []:  # bad --shapes_* values stop the
         shapes_stage_data(cfg, name)  # run now, not at the stage they concern
     if cfg.preset == "shapes" and cfg.tower_steps > 0 and cfg.stage in ("1", "all") and not cfg.init:
