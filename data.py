@@ -9,7 +9,8 @@ Commands:
     python data.py convert SOURCE ... --out F.jsonl   # a real dataset as training samples; SOURCE is one of
         llava-pretrain, refcoco, rec-jsonl, vg, flickr30k (python data.py convert SOURCE --help)
 
-Pickle note: RefCOCO's refs(unc|umd).p are pickles, so reading one runs code: read only files you trust.
+RefCOCO's refs(unc|umd).p are pickles: read_refcoco loads them with an unpickler that builds only lists,
+dicts, strings and numbers, so a planted file cannot run code.
 """
 
 import argparse
@@ -385,6 +386,14 @@ def read_llava_pretrain(path: str, image_root: str = "", seed: int = 0, skip_bad
 # LLaVA-v1.5-mix665k and ShareGPT4V are in the sample format already (text-only samples too): load_samples.
 
 
+class PlainDataUnpickler(pickle.Unpickler):
+    """An unpickler that refuses every class and function: the published refs pickles hold only lists, dicts,
+    strings and numbers (opcodes of their own), while a planted payload must name a callable to run."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a refs pickle of plain data: refusing it")
+
+
 def read_refcoco(instances_json: str, refs_pickle: str, split: str, image_dir: str = "") -> list[dict]:
     """RefCOCO/+/g as published: COCO `instances.json` + `refs(unc).p` / `refs(umd).p` (a pickled list of
     {ref_id, ann_id, image_id, split, sentences: [{sent}]}); one record per sentence of `split`."""
@@ -392,7 +401,10 @@ def read_refcoco(instances_json: str, refs_pickle: str, split: str, image_dir: s
     images = {im["id"]: im for im in coco["images"]}
     anns = {a["id"]: a for a in coco["annotations"]}
     with open(refs_pickle, "rb") as f:
-        refs = pickle.load(f, encoding="latin1")  # the published pickles were written by Python 2
+        try:
+            refs = PlainDataUnpickler(f, encoding="latin1").load()  # the published pickles are Python 2's
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{refs_pickle}: {e}") from None
     records = []
     for ref in refs:
         if ref["split"] != split:
@@ -737,16 +749,18 @@ class ImageTooLarge(ValueError):
 def load_image(image, image_root: str = "", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """An RGB image from a path (under image_root), a file object or a PIL image. The size is read from the
     header and checked before any pixel is decoded (a 140 KB PNG can hold 12000 x 12000 pixels); unreadable
-    or truncated files raise OSError, oversized ones ImageTooLarge."""
+    or truncated files raise OSError, oversized ones ImageTooLarge. The limit bounds the square the image is
+    padded to (encoders.pad_to_square), so a thin 400000 x 100 strip cannot ask for a 400000^2 canvas."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     source = image if hasattr(image, "read") else os.path.join(image_root, image)
     name = source if isinstance(source, str) else "the image"
     try:
         with Image.open(source) as img:
-            if img.width * img.height > max_pixels:
-                raise ImageTooLarge(f"{name} is {img.width}x{img.height} = {img.width * img.height:,} pixels, "
-                                    f"over the limit of {max_pixels:,}")
+            side = max(img.width, img.height)
+            if side * side > max_pixels:
+                raise ImageTooLarge(f"{name} is {img.width}x{img.height}: padded to a square, {side * side:,} "
+                                    f"pixels, over the limit of {max_pixels:,}")
             return img.convert("RGB")
     except Image.DecompressionBombError as e:  # Pillow's own, larger limit
         raise ImageTooLarge(f"{name}: {e}") from None

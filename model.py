@@ -372,8 +372,9 @@ def cache_length(needed: int, context: int) -> int:
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None):
-    """logits [B, V] -> ids [B]: greedy when temperature <= 0, else temperature + nucleus (top-p) sampling."""
-    if temperature <= 0:
+    """logits [B, V] -> ids [B]: greedy when temperature < 1e-6, else temperature + nucleus (top-p) sampling.
+    Below 1e-6 sampling is greedy but for exact ties, and float32 would round a temperature of 1e-50 to 0."""
+    if temperature < 1e-6:
         return logits.argmax(-1)
     logits = logits.float()  # the max subtracted first: at tiny temperatures logits / T would overflow to inf
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)

@@ -317,6 +317,9 @@ class ChatServer:
             raise RequestError(400, f"n must be 1 (one answer per request), got {request['n']!r}")
         system, turns, image = chat_turns(request.get("messages"), self.max_image_pixels)
         context = self.model.config.llm.max_position_embeddings
+        if 4 * len(turns) > context:  # each turn's ChatML header and end take 4 tokens or more
+            raise RequestError(400, f"the messages hold {len(turns):,} turns, more than this model's context of "
+                                    f"{context} tokens can hold")
         chars = sum(len(t["value"]) for t in turns) + len(system or "")
         if chars > 16 * context:  # before tokenizing: no token is shorter than 1/16 of this many characters
             raise RequestError(400, f"the messages hold {chars:,} characters, far over this model's context of "
@@ -341,6 +344,10 @@ class ChatServer:
             )
         if objects and image is None:
             raise RequestError(400, "'objects' are boxes on the image: send an image too")
+        markers = sum(t["value"].count("<object>") for t in turns)
+        if len(objects) > markers:  # each box is cropped and encoded: unused ones would be work for nothing
+            raise RequestError(400, f"'objects' has {len(objects)} boxes for {markers} <object> markers in the "
+                                    "messages: send one box per marker")
         if not isinstance(request.get("stream", False), bool):
             raise RequestError(400, f"stream must be true or false, got {request['stream']!r}")
         attention = requested_attention(request)  # our extension: the demo page's heat map

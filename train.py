@@ -434,7 +434,8 @@ class MetadataUnpickler(pickle.Unpickler):
                ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
 
     def find_class(self, module: str, name: str):
-        found = super().find_class(module, name) if "." not in name else None
+        named = module in self.DCP_MODULES or module == "torch" or (module, name) in self.ALLOWED
+        found = super().find_class(module, name) if named and "." not in name else None  # imports the module
         dcp_class = module in self.DCP_MODULES and isinstance(found, type) and found.__module__ == module
         dtype = module == "torch" and isinstance(found, torch.dtype)
         if found is None or not (dcp_class or dtype or (module, name) in self.ALLOWED):

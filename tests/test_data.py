@@ -190,8 +190,13 @@ def test_hostile_records_are_named_or_skipped_and_counted(tmp_path):
 
 def test_an_image_past_the_pixel_limit_is_refused_before_decoding(tmp_path):
     Image.new("1", (7000, 7000)).save(tmp_path / "bomb.png")  # 49 MP in a few KB
-    with pytest.raises(data.ImageTooLarge, match="bomb.png is 7000x7000 = 49,000,000 pixels, over the limit"):
+    with pytest.raises(data.ImageTooLarge, match="bomb.png is 7000x7000: padded to a square, 49,000,000 pixels"):
         data.load_image("bomb.png", str(tmp_path))
+    Image.new("1", (400_000, 10)).save(tmp_path / "strip.png")  # 4 MP, but a 400000^2 canvas once padded
+    with pytest.raises(data.ImageTooLarge, match="strip.png is 400000x10: padded to a square, 160,000,000,000"):
+        data.load_image("strip.png", str(tmp_path))
+    Image.new("1", (6000, 1000)).save(tmp_path / "wide.png")  # a panorama whose square is under the limit
+    assert data.load_image("wide.png", str(tmp_path)).size == (6000, 1000)
     counter = SkipCounter()
     dataset = data.SFTDataset([good_record("bomb.png"), good_record()], char_tokenizer(), tiny_processor(), 4, 1,
                               image_root=str(tmp_path), skip_bad=counter)
@@ -241,6 +246,21 @@ def test_too_long_is_cut_when_images_survive_else_bad():
 
 
 # ----------------------------------------------------------------------------- readers and builders
+
+
+def test_a_refs_pickle_that_names_a_function_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "instances.json").write_text(json.dumps({"images": [], "annotations": []}))
+    with open(tmp_path / "refs(unc).p", "wb") as f:
+        pickle.dump([{"ref_id": 1, "split": "train", "x": Payload()}], f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match=r"refs\(unc\).p: posix.system has no place in a refs pickle"):
+        data.read_refcoco(str(tmp_path / "instances.json"), str(tmp_path / "refs(unc).p"), "train")
+    assert not marker.exists()
 
 
 def test_rec_and_reg_boxes_agree_with_source_pixels(tmp_path):

@@ -374,6 +374,8 @@ def test_server_refuses_bad_requests_with_4xx_json_and_keeps_serving(server):
         "object box reversed": {"messages": with_image(image_part(image)), "objects": [[0.5, 0.1, 0.1, 0.5]]},
         "object box of 3 numbers": {"messages": with_image(image_part(image)), "objects": [[0.1, 0.1, 0.5]]},
         "objects not a list": {"messages": with_image(image_part(image)), "objects": "0.1,0.1,0.5,0.5"},
+        "more objects than <object>": {"messages": with_image(image_part(image), text="Is <object> red?"),
+                                       "objects": [[0.1, 0.1, 0.5, 0.5]] * 10_000},
         "max_tokens 0": {"messages": [user], "max_tokens": 0},
         "max_tokens too large": {"messages": [user], "max_tokens": 5000},
         "max_tokens negative": {"messages": [user], "max_completion_tokens": -3},
@@ -421,7 +423,9 @@ def test_server_refuses_bad_requests_with_4xx_json_and_keeps_serving(server):
     for why, payload in {"not UTF-8": b'{"messages": "\xff\xfe"}', "nested past the parser": b"[" * 100_000}.items():
         r = requests.post(server + "/v1/chat/completions", data=payload, timeout=30)
         assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"], why
-    for extreme in ({"temperature": 1e-38}, {"temperature": 0.5, "top_p": 1e-300}):  # used to be 500s
+    r = chat(server, {"messages": [{"role": "user", "content": ""}] * 100_000 + [user]})  # refused before tokenizing
+    assert r.status_code == 400 and "100,001 turns" in r.json()["error"]["message"]
+    for extreme in ({"temperature": 1e-38}, {"temperature": 1e-50}, {"temperature": 0.5, "top_p": 1e-300}):
         assert chat(server, {"messages": [user], "max_tokens": 2, **extreme}).status_code == 200, extreme
     for method in ("put", "delete", "patch"):
         r = getattr(requests, method)(server + "/v1/chat/completions", json={"messages": [user]}, timeout=30)

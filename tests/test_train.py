@@ -1,5 +1,6 @@
 """train.py: sharded (gloo FSDP2) equals single-process training, exact resume after a kill, stage hand-off."""
 
+import io
 import json
 import math
 import os
@@ -391,6 +392,16 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes_exactly(ini
     assert f"checkpoint {ckpt / 'step-0000003'} is incomplete or damaged" in log and "resuming at step 2" in log
     a, b = weights(tmp_path / "straight", "stage2"), weights(out, "stage2")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_metadata_does_not_import_a_module_it_names(tmp_path, monkeypatch):
+    """Importing is running: a module named in .metadata must be refused before it is imported."""
+    (tmp_path / "planted_module.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\nx = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    payload = b"\x80\x02cplanted_module\nx\nq\x00."  # protocol 2: GLOBAL planted_module.x, STOP
+    with pytest.raises(pickle.UnpicklingError, match="planted_module.x has no place"):
+        train.MetadataUnpickler(io.BytesIO(payload)).load()
+    assert not (tmp_path / "imported").exists() and "planted_module" not in sys.modules
 
 
 def test_a_planted_pickle_in_checkpoint_metadata_does_not_run(init_dir, tmp_path, monkeypatch):
