@@ -488,10 +488,24 @@ def find_checkpoint(ckpt_dir: str, rank: int) -> tuple[str, int] | None:
     return found
 
 
-def save_checkpoint(model, optimizer, ckpt_dir: str, step: int, rank: int) -> None:
-    """Sharded, resumable state (model, optimizer, RNG; the data position is the step itself) and a manifest
-    of its files' sha256, each rank hashing what it wrote. The checkpoint before it is deleted only once this
-    one is complete, and is kept as the fallback for a damaged one."""
+def check_plan(path: str, plan: dict) -> None:
+    """Refuse to resume checkpoint `path` under another plan (samples, steps, batch, seed, lr...): its step
+    would index another data order and learning-rate schedule. Checkpoints without plan.json predate it."""
+    plan_path = os.path.join(path, "plan.json")
+    if not os.path.exists(plan_path):
+        return
+    with open(plan_path) as f:
+        saved = json.load(f)
+    changed = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in plan.items() if saved.get(k) != v]
+    if changed:
+        raise SystemExit(f"{path} was written by a run with other settings ({'; '.join(changed)}): rerun the "
+                         f"command that wrote it, or delete {os.path.dirname(path)} to train this phase afresh")
+
+
+def save_checkpoint(model, optimizer, ckpt_dir: str, step: int, rank: int, plan: dict | None = None) -> None:
+    """Sharded, resumable state (model, optimizer, RNG; the data position is the step itself), the run's plan
+    (check_plan) and a manifest of its files' sha256, each rank hashing what it wrote. The checkpoint before
+    it is deleted only once this one is complete, and is kept as the fallback for a damaged one."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -501,6 +515,8 @@ def save_checkpoint(model, optimizer, ckpt_dir: str, step: int, rank: int) -> No
     torch.save(
         {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}, os.path.join(path, f"rng-{rank}.pt")
     )
+    if rank == 0 and plan is not None:
+        data.atomic_write(os.path.join(path, "plan.json"), json.dumps(plan, indent=1))
     barrier()
     mine = [n for n in os.listdir(path) if re.fullmatch(rf"(__{rank}_\d+\.distcp|rng-{rank}\.pt)", n)]
     digests = {n: download.file_sha256(os.path.join(path, n)) for n in mine + ([".metadata"] if rank == 0 else [])}
@@ -527,7 +543,12 @@ def load_checkpoint(model, optimizer, path: str, rank: int) -> None:
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, storage_reader=checkpoint_reader(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=True)  # tensors only: no pickle runs
+    rng_path = os.path.join(path, f"rng-{rank}.pt")
+    if not os.path.exists(rng_path):  # resumed on more processes than wrote it: a fresh, distinct stream
+        print(f"rank {rank}: {path} has no rng-{rank}.pt (written by fewer processes); seeding its RNG anew")
+        torch.manual_seed(int(re.sub(r"\D", "", os.path.basename(path)) or 0) * 1000 + rank)
+        return
+    rng = torch.load(rng_path, weights_only=True)  # tensors only: no pickle runs
     torch.set_rng_state(rng["torch"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -766,12 +787,15 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     optimizer = MasterWeightAdamW(trainable, lr=phase.lr, weight_decay=cfg.weight_decay)
     ckpt_dir = os.path.join(cfg.out_dir, f"{phase.name}-ckpt")
     os.makedirs(ckpt_dir, exist_ok=True)
-    start = 0
-    if found := find_checkpoint(ckpt_dir, rank):
-        load_checkpoint(model, optimizer, found[0], rank)
-        start = found[1]
     total = math.ceil(phase.epochs * (len(dataset) // phase.batch_size))
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    plan = {"samples": len(dataset), "steps": total, "batch_size": phase.batch_size, "lr": phase.lr,
+            "seed": cfg.seed, "warmup_ratio": cfg.warmup_ratio, "length_group": cfg.length_group}
+    start = 0
+    if found := find_checkpoint(ckpt_dir, rank):
+        check_plan(found[0], plan)
+        load_checkpoint(model, optimizer, found[0], rank)
+        start = found[1]
     batches = StepBatches(
         dataset.lengths, phase.batch_size, cfg.micro_batch_size, rank, world, cfg.seed, start, total, cfg.length_group
     )
@@ -811,7 +835,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
             if rank == 0:  # the metrics first: a checkpoint that exists has its history (resume drops the excess)
                 data.atomic_write(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
-            save_checkpoint(model, optimizer, ckpt_dir, step + 1, rank)
+            save_checkpoint(model, optimizer, ckpt_dir, step + 1, rank, plan)
     bar.close()
     export(model, out, tokenizer_path, rank)
     if rank == 0:

@@ -394,6 +394,31 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes_exactly(ini
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_refuses_a_checkpoint_of_other_settings(init_dir, tmp_path, monkeypatch):
+    """A checkpoint's step indexes its run's data order and lr schedule: under another seed or length the
+    resume would silently train something else (before: a --max_steps below the step exported at once)."""
+    args = [*COMMON, "--stage=2", f"--init={init_dir}", "--shapes_samples=32,32,32,32", "--batch_size=8",
+            "--max_steps=4", "--ckpt_every=2", f"--out_dir={tmp_path}"]
+    die_after_checkpoints(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    for changed, named in [("--seed=7", "seed: 1337 there, 7 now"), ("--max_steps=1", "steps: 4 there, 1 now")]:
+        with pytest.raises(SystemExit, match=rf"step-0000002 was written by a run with other settings \({named}\)"):
+            train.main([*args, changed])
+    assert not (tmp_path / "stage2").exists()
+
+
+def test_a_checkpoint_resumes_on_more_processes_than_wrote_it(tmp_path, capsys):
+    """Rank 1 finds no rng-1.pt in a checkpoint one process wrote: it seeds a stream of its own."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    train.save_checkpoint(model, optimizer, str(tmp_path), 2, rank=0, plan={"steps": 4})
+    weight = model.weight.detach().clone()
+    torch.nn.init.zeros_(model.weight)
+    train.load_checkpoint(model, optimizer, str(tmp_path / "step-0000002"), rank=1)
+    assert torch.equal(model.weight, weight) and "has no rng-1.pt" in capsys.readouterr().out
+
+
 def test_checkpoint_metadata_does_not_import_a_module_it_names(tmp_path, monkeypatch):
     """Importing is running: a module named in .metadata must be refused before it is imported."""
     (tmp_path / "planted_module.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\nx = 1\n")
