@@ -234,11 +234,16 @@ def _counter(skip_bad) -> SkipCounter | None:
     return SKIPPED if skip_bad is True else (skip_bad or None)
 
 
+def is_number(value) -> bool:
+    """An int or float from JSON, not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def is_box(box) -> bool:
     """[x1, y1, x2, y2] with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 (normalized on the padded square): the
     one test of a box from outside, for samples, the command line and the server."""
     return (isinstance(box, (list, tuple)) and len(box) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in box)
+            and all(is_number(v) and 0.0 <= v <= 1.0 for v in box)
             and box[0] < box[2] and box[1] < box[3])
 
 
@@ -421,21 +426,42 @@ def read_refcoco(instances_json: str, refs_pickle: str, split: str, image_dir: s
     return records
 
 
-def read_rec_jsonl(path: str, image_dir: str = "") -> list[dict]:
+def read_rec_jsonl(path: str, image_dir: str = "", skip_bad=False) -> list[dict]:
     """The common REC jsonl layout: {"img_path", "expression", "bbox": [x1,y1,x2,y2] pixels, "width",
-    "height"} (Shikra's REC_refcoco_unc_val.jsonl, and the shapes eval splits)."""
-    records = []
+    "height"} (Shikra's REC_refcoco_unc_val.jsonl, and the shapes eval splits). A bad row raises SampleError
+    naming file and line, or with `skip_bad` (as load_samples) is counted and skipped."""
+    records, counter = [], _counter(skip_bad)
     for where, r in read_records(path):
-        if isinstance(r, MalformedLine):
-            raise SampleError(where, "malformed line", r)
-        if not isinstance(r, dict):
-            raise SampleError(where, "bad sample", f"expected a JSON object, got {type(r).__name__}")
-        missing = [k for k in ("img_path", "expression", "bbox", "width", "height") if k not in r]
-        if missing:
-            raise SampleError(where, "bad sample", f"missing keys {missing}")
-        records.append({"image": os.path.join(image_dir, r["img_path"]), "width": r["width"], "where": where,
-                        "height": r["height"], "expression": r["expression"], "bbox": r["bbox"]})
+        try:
+            records.append(_rec_record(where, r, image_dir))
+        except SampleError as e:
+            if counter is None:
+                raise
+            counter.add(e.reason, str(e))
     return records
+
+
+def _rec_record(where: str, r, image_dir: str) -> dict:
+    if isinstance(r, MalformedLine):
+        raise SampleError(where, "malformed line", r)
+    if not isinstance(r, dict):
+        raise SampleError(where, "bad sample", f"expected a JSON object, got {type(r).__name__}")
+    if missing := [k for k in ("img_path", "expression", "bbox", "width", "height") if k not in r]:
+        raise SampleError(where, "bad sample", f"missing keys {missing}")
+    if not all(isinstance(r[k], str) and r[k] for k in ("img_path", "expression")):
+        raise SampleError(where, "bad sample", "img_path and expression must be non-empty strings")
+    width, height, bbox = r["width"], r["height"], r["bbox"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
+        raise SampleError(where, "bad sample", f"width and height must be positive integers, got {width!r}, "
+                                               f"{height!r}")
+    # pixel boxes may overshoot the image by a pixel's rounding: clipped; beyond that the row is wrong
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)
+            and -1 <= bbox[0] < bbox[2] <= width + 1 and -1 <= bbox[1] < bbox[3] <= height + 1):
+        raise SampleError(where, "bad box", f"bbox {bbox!r} is not [x1,y1,x2,y2] pixels inside the {width}x"
+                                            f"{height} image")
+    bbox = [min(max(v, 0), limit) for v, limit in zip(bbox, (width, height, width, height))]
+    return {"image": os.path.join(image_dir, r["img_path"]), "width": width, "height": height,
+            "expression": r["expression"], "bbox": bbox, "where": where}
 
 
 def read_visual_genome(region_json: str, image_data_json: str, image_dir: str = "") -> list[dict]:
@@ -927,7 +953,9 @@ def convert(args) -> None:
         if args.source == "refcoco":
             grounded = group_referring(read_refcoco(args.instances, args.refs, args.split, args.image_dir))
         elif args.source == "rec-jsonl":
-            grounded = group_referring(read_rec_jsonl(args.file, args.image_dir))
+            skipped = SkipCounter(max_workers=0)
+            grounded = group_referring(read_rec_jsonl(args.file, args.image_dir, skip_bad=skipped))
+            print(f"{args.file}: bad rows skipped: {skipped}")
         elif args.source == "vg":
             grounded = read_visual_genome(args.regions, args.image_data, args.image_dir)
         else:

@@ -7,9 +7,11 @@ pre_layrnorm), -1 = last block, never a final norm; only the blocks needed are r
 from model.safetensors (or its shards), else from pytorch_model.bin (as some CLIP snapshots come).
 """
 
+import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,30 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD_COLOR = (122, 116, 104)  # CLIP mean colour in 0..255, LLaVA's padding
 
 
+def read_json_config(file: str) -> dict:
+    """A config.json as a dict, or a ValueError naming the file (a truncated download, a list, binary)."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a JSON config ({e}); download or export it again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: a JSON config is an object {{...}}, this is a {type(config).__name__}")
+    return config
+
+
+def check_field_types(config) -> None:
+    """Each int / float / bool field of dataclass `config` holds that type: a config.json's "896" for 896
+    fails here, with the field's name, not deep inside nn.Linear."""
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), field.type
+        wrong = (kind is int and (not isinstance(value, int) or isinstance(value, bool))
+                 or kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool))
+                 or kind is bool and not isinstance(value, bool))
+        if wrong:
+            raise ValueError(f"{type(config).__name__}.{field.name} must be {kind.__name__}, got {value!r}")
+
+
 @dataclass
 class VisionConfig:
     kind: str  # "clip" | "dinov2"
@@ -44,6 +70,7 @@ class VisionConfig:
     std: tuple | None = None
 
     def __post_init__(self):
+        check_field_types(self)
         if self.kind not in ("clip", "dinov2"):
             raise ValueError(f"VisionConfig.kind must be 'clip' or 'dinov2', got {self.kind!r}")
         clip = self.kind == "clip"
@@ -240,8 +267,7 @@ def read_config(path: str, image_size: int | None = None, feature_layer: int = -
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} not found: a vision tower directory needs config.json plus model."
                                 "safetensors, model.safetensors.index.json + shards, or pytorch_model.bin")
-    with open(file) as f:
-        hub = json.load(f)
+    hub = read_json_config(file)
     model_type = hub.get("model_type")
     if model_type == "clip":
         hub = hub.get("vision_config") or {}  # full CLIPModel: the text tower is skipped
@@ -262,10 +288,13 @@ def read_config(path: str, image_size: int | None = None, feature_layer: int = -
     get = lambda key: hub.get(key, defaults[key])
     if hub.get("hidden_act", act) != act:
         raise ValueError(f"{file}: hidden_act {hub['hidden_act']!r} is not supported for {kind}: only {act}")
-    return VisionConfig(kind=kind, hidden_size=get("hidden_size"), num_layers=get("num_hidden_layers"),
-                        num_heads=get("num_attention_heads"), mlp_size=mlp, patch_size=get("patch_size"),
-                        image_size=image_size or get("image_size"), native_image_size=get("image_size"),
-                        layer_norm_eps=get("layer_norm_eps"), feature_layer=feature_layer)
+    try:
+        return VisionConfig(kind=kind, hidden_size=get("hidden_size"), num_layers=get("num_hidden_layers"),
+                            num_heads=get("num_attention_heads"), mlp_size=mlp, patch_size=get("patch_size"),
+                            image_size=image_size or get("image_size"), native_image_size=get("image_size"),
+                            layer_norm_eps=get("layer_norm_eps"), feature_layer=feature_layer)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
 
 
 def safetensors_keys(file: str) -> list[str]:
@@ -304,7 +333,11 @@ def checkpoint_files(path: str) -> tuple[dict[str, str], Callable[[str], torch.T
             return handles[sources[key]].get_tensor(key)
         return sources, get
     if os.path.isfile(bin_file):
-        state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)  # tensors only: no pickle runs
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:  # torch's names no file
+            raise ValueError(f"{bin_file}: not a PyTorch file of plain tensors ({type(e).__name__}); it is "
+                             "refused rather than unpickled: download the snapshot again") from None
         return dict.fromkeys(state, bin_file), state.__getitem__
     raise FileNotFoundError(f"no weights in {path}: expected model.safetensors, model.safetensors.index.json "
                             "(+ shards) or pytorch_model.bin (download the snapshot with download.py)")

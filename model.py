@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors.torch import save_file
 
-from encoders import MultiScaleEncoder, VisionConfig, load_strict
+from encoders import MultiScaleEncoder, VisionConfig, check_field_types, load_strict, read_json_config
 
 # ----------------------------------------------------------------------------- Qwen2.5 language model
 
@@ -41,6 +41,7 @@ class Qwen2Config:
     max_position_embeddings: int = 32768
 
     def __post_init__(self):
+        check_field_types(self)
         heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
         if self.hidden_size % heads or heads % kv_heads:
             raise ValueError(f"Qwen2Config: hidden_size={self.hidden_size} must divide by num_attention_heads"
@@ -71,9 +72,12 @@ class Qwen2Config:
         if problems:
             raise ValueError(f"{source}: unsupported Qwen2 settings: {'; '.join(problems)}")
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "tie_word_embeddings"}
-        return cls(**{k: hub[k] for k in names if k in hub},
-                   rope_theta=float(rope.get("rope_theta", hub.get("rope_theta", 10000.0))),
-                   tie_word_embeddings=bool(hub.get("tie_word_embeddings", False)))  # transformers' default
+        try:
+            return cls(**{k: hub[k] for k in names if k in hub},
+                       rope_theta=float(rope.get("rope_theta", hub.get("rope_theta", 10000.0))),
+                       tie_word_embeddings=bool(hub.get("tie_word_embeddings", False)))  # transformers' default
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: {e}") from None
 
 
 class RMSNorm(nn.Module):
@@ -403,8 +407,7 @@ def load_qwen2(path: str, dtype=torch.float32, device="cpu") -> Qwen2:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{config_file} not found: point at a Qwen2.5 snapshot (see download.py)")
-    with open(config_file) as f:
-        config = Qwen2Config.from_hf(json.load(f), config_file)
+    config = Qwen2Config.from_hf(read_json_config(config_file), config_file)
     with torch.device("meta"):
         model = Qwen2(config)
     # a tied checkpoint may still carry lm_head.weight (a copy of the embedding): deliberately unused
@@ -439,6 +442,9 @@ class TinyGroundingGPTConfig:
     # Object crops are pooled to this many tokens (a square: an adaptive average over the patch grid).
     # 16 = 4x4 at full size, each token averaging 6x6 of the 24x24 patches: an object costs 16 tokens.
     object_tokens: int = 16
+
+    def __post_init__(self):
+        check_field_types(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -639,8 +645,7 @@ class TinyGroundingGPT(nn.Module):
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         config_file = os.path.join(directory, "config.json")
         try:
-            with open(config_file) as f:
-                config = TinyGroundingGPTConfig.from_dict(json.load(f), config_file)
+            config = TinyGroundingGPTConfig.from_dict(read_json_config(config_file), config_file)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{config_file}: not a TinyGroundingGPT config ({type(e).__name__}: {e})") from None
         with torch.device("meta"):

@@ -59,10 +59,6 @@ def open_image(path: str) -> Image.Image:
         raise SystemExit(f"error: cannot read {path!r} as an image ({e}); give a JPEG or PNG file") from None
 
 
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def parse_object_box(text: str) -> list[float]:
     """'x1,y1,x2,y2' normalized on the padded square -> box, checked."""
     try:
@@ -332,11 +328,11 @@ class ChatServer:
         max_tokens = option("max_tokens", option("max_completion_tokens", 64))
         temperature, top_p = option("temperature", 0.0), option("top_p", 1.0)
         objects = option("objects", [])  # our extension: boxes of the object images, one per <object>
-        if not (is_number(max_tokens) and isinstance(max_tokens, int) and 1 <= max_tokens <= 1024):
+        if not (data.is_number(max_tokens) and isinstance(max_tokens, int) and 1 <= max_tokens <= 1024):
             raise RequestError(400, f"max_tokens must be an integer from 1 to 1024, got {max_tokens!r}")
-        if not (is_number(temperature) and 0 <= temperature < math.inf):
+        if not (data.is_number(temperature) and 0 <= temperature < math.inf):
             raise RequestError(400, f"temperature must be a number >= 0, got {temperature!r}")
-        if not (is_number(top_p) and 0 < top_p <= 1):
+        if not (data.is_number(top_p) and 0 < top_p <= 1):
             raise RequestError(400, f"top_p must be a number with 0 < top_p <= 1, got {top_p!r}")
         if not isinstance(objects, list) or not all(data.is_box(b) for b in objects):
             raise RequestError(

@@ -299,6 +299,25 @@ def test_rec_and_reg_boxes_agree_with_source_pixels(tmp_path):
     assert len(samples) == 1 and "[0.100,0.300,0.300,0.500]" in str(samples[0]["conversations"])
 
 
+def test_bad_rec_jsonl_rows_are_named_or_skipped_and_counted(tmp_path, capsys):
+    good = {"img_path": "a.jpg", "expression": "left man", "bbox": [20, 10, 60, 50], "width": 200, "height": 100}
+    bad = {"bad box": {**good, "bbox": [20, 10, 60]}, "bad sample": {**good, "width": 0},
+           "malformed line": "{not json", "reversed": {**good, "bbox": [60, 10, 20, 50]},
+           "outside": {**good, "bbox": [20, 10, 260, 50]}, "expression": {**good, "expression": 3}}
+    lines = [json.dumps(good)] + [r if isinstance(r, str) else json.dumps(r) for r in bad.values()]
+    lines.append(json.dumps({**good, "bbox": [-0.4, 10, 200.6, 50]}))  # a pixel's rounding past the edge: clipped
+    (tmp_path / "rec.jsonl").write_text("\n".join(lines))
+    path = str(tmp_path / "rec.jsonl")
+    with pytest.raises(data.SampleError, match=rf"{path}:2: bad box: bbox \[20, 10, 60\] is not \[x1,y1,x2,y2\]"):
+        data.read_rec_jsonl(path)  # before: a ValueError from unpacking, no file or line, in convert
+    counter = SkipCounter()
+    records = data.read_rec_jsonl(path, skip_bad=counter)
+    assert [r["bbox"] for r in records] == [[20, 10, 60, 50], [0, 10, 200, 50]]
+    assert counter.totals() == {"malformed line": 1, "bad sample": 2, "bad box": 3}
+    data.main(["convert", "rec-jsonl", "--file", path, "--out", str(tmp_path / "stage2.jsonl")])
+    assert "bad rows skipped: 1 malformed line, 2 bad sample, 3 bad box" in capsys.readouterr().out
+
+
 def test_llava_pretrain_both_layouts(tmp_path):
     write_image(tmp_path / "00453" / "1.jpg")
     chat = {"id": "1", "image": "00453/1.jpg", "conversations": [

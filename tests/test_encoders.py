@@ -218,6 +218,29 @@ def test_missing_shard_is_named(checkpoints, tmp_path):
         load_vision_tower(str(tmp_path / "clip"))
 
 
+def test_damaged_config_and_refused_weights_are_named(dino_copy):
+    config = json.loads((dino_copy / "config.json").read_text())
+    for text, message in [('{"model_type": "dinov2", ', "config.json: not a JSON config"),
+                          ("[1, 2]", "config.json: a JSON config is an object"),
+                          (json.dumps({**config, "hidden_size": "32"}),
+                           "config.json: VisionConfig.hidden_size must be int, got '32'")]:
+        (dino_copy / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_vision_tower(str(dino_copy))
+    (dino_copy / "config.json").write_text(json.dumps(config))
+    marker = dino_copy / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    os.remove(dino_copy / "model.safetensors")  # a pytorch_model.bin that carries code, as a mirror might
+    torch.save({"embeddings.cls_token": Payload()}, dino_copy / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin: not a PyTorch file of plain tensors") as err:
+        load_vision_tower(str(dino_copy))
+    assert not marker.exists() and "weights_only=False" not in str(err.value)
+
+
 def test_other_model_type(dino_copy):
     (dino_copy / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(ValueError, match="model_type 'llama' is not a vision tower"):

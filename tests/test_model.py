@@ -429,6 +429,11 @@ def test_damaged_export_files_are_named(tmp_path):
         with pytest.raises(ValueError, match=message) as err:
             TinyGroundingGPT.from_pretrained(str(tmp_path / "bad"))
         assert str(tmp_path / "bad") in str(err.value)
+    config = json.loads((tmp_path / "good" / "config.json").read_text())
+    config["llm"]["hidden_size"] = str(config["llm"]["hidden_size"])  # before: a TypeError inside nn.Linear
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: not a .* Qwen2Config.hidden_size must be int, got '\d+'"):
+        TinyGroundingGPT.from_pretrained(str(tmp_path / "bad"))
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model"')
     with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.json'}: not a readable tokenizer.json"):
         data.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
