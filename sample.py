@@ -298,13 +298,24 @@ class ChatServer:
         self.model, self.tok, self.name, self.count = model, tok, name, 0
         self.max_image_pixels, self.compile = max_image_pixels, compile
         self.model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # requests past their body and not yet answered: each may hold a decoded image (~160 MB at most)
+        self.pending = threading.BoundedSemaphore(MAX_PENDING)
 
     def close(self):
         """Drop the queued requests (the one being answered finishes): Ctrl-C does not wait for the queue."""
         self.model_thread.shutdown(wait=False, cancel_futures=True)
 
     def complete(self, request: dict) -> tuple[dict, list[str]]:
-        """The chat.completion for a request, and its content cut into the tokens' texts (for streaming)."""
+        """The chat.completion for a request, and its content cut into the tokens' texts (for streaming);
+        503 while MAX_PENDING others are being answered or waiting, so a flood cannot pile up images."""
+        if not self.pending.acquire(blocking=False):
+            raise RequestError(503, f"{MAX_PENDING} requests are being answered or waiting; retry later")
+        try:
+            return self._complete(request)
+        finally:
+            self.pending.release()
+
+    def _complete(self, request: dict) -> tuple[dict, list[str]]:
         if not isinstance(request, dict):
             raise RequestError(400, "the body must be a JSON object")
         if request.get("model") not in (None, self.name):  # as the OpenAI API answers an unknown model
@@ -460,6 +471,7 @@ def demo_response(chat: ChatServer, path: str) -> tuple[str, bytes] | None:
 MAX_BODY = 32 << 20  # bytes of a request
 IDLE_SECONDS = 20  # a connection silent this long is closed
 BODY_SECONDS = 60  # the most a request's body may take to arrive
+MAX_PENDING = 32  # requests being answered or waiting for the model at once; more are told 503
 
 
 class ChatHandler(BaseHTTPRequestHandler):

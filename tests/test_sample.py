@@ -462,6 +462,20 @@ def peak_rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
+def test_server_answers_503_past_its_pending_requests(loaded):
+    """Past MAX_PENDING requests answered or waiting, the next is refused at once (each may hold an image)."""
+    chat_server = sample.ChatServer(*loaded, "tiny")
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+    for _ in range(sample.MAX_PENDING):
+        chat_server.pending.acquire()  # as if MAX_PENDING requests were waiting for the model
+    with pytest.raises(sample.RequestError, match="32 requests are being answered or waiting") as refused:
+        chat_server.complete(body)
+    assert refused.value.status == 503
+    chat_server.pending.release()
+    assert chat_server.complete(body)[0]["usage"]["completion_tokens"] <= 2
+    chat_server.close()
+
+
 def test_server_under_hostile_load_keeps_answering_a_normal_client(ckpt):
     """A bounded load test on loopback against `sample.py --serve`: 1,000 idle connections (half of them with
     half a request sent), four clients sending decompression bombs (12000 x 12000 PNGs of ~20 KB) and prompts
