@@ -240,6 +240,8 @@ class HttpClient:
             return hit
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
+            # fetch() reads the raw stream (to bound it): a gzip body would reach json.loads still compressed
+            self._local.session.headers["Accept-Encoding"] = "identity"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         for attempt in range(self.retries + 1):
             self.stats.add("requests")
@@ -326,7 +328,7 @@ class ChatModel:
         except (KeyError, IndexError, TypeError) as e:
             raise Malformed(f"no choices[0].message.content ({e!r})") from None
         if isinstance(text, list):  # some servers answer in content parts
-            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+            text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
         if not isinstance(text, str):
             raise Malformed("the message content is not text")
         if choice.get("finish_reason") == "length":
@@ -362,7 +364,7 @@ def detections_from_response(body, width: int, height: int) -> list[Detection]:
         else:
             raise Malformed(f"grounder answer with unknown keys {sorted(body)[:6]}")
         found = [Detection(str(label).strip(), [float(v) for v in box], float(s)) for label, box, s in rows]
-    except (KeyError, TypeError, ValueError) as e:  # zip(strict=True) raises ValueError on unequal lengths
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # zip(strict=True): ValueError; float(1e400 int)
         raise Malformed(f"grounder answer: {e!r}") from None
     if any(len(d.box) != 4 for d in found):
         raise Malformed("a grounder box without 4 numbers")
@@ -539,6 +541,11 @@ def _sample(key: str, turns: list, object_boxes=()) -> dict:
 def filter_reason(sample: dict, by_box: dict, cfg: SynthConfig) -> str | None:
     """Step 5: why this sample is dropped, or None. `by_box` maps format_box(obj.box) -> Obj. The object
     images are the sample's "objects"; the objects involved are those plus every box in the text."""
+    try:  # a marker the model wrote (<image>, <object>), or a lone surrogate in a label no file can hold
+        data.validate_sample(sample, sample.get("image", ""), check_file=False)
+        json.dumps(sample, ensure_ascii=False).encode("utf-8")
+    except (data.SampleError, UnicodeEncodeError):
+        return "invalid"
     text = " ".join(t["value"] for t in sample["conversations"])
     images = [by_box.get(format_box(b)) for b in sample.get("objects", [])]
     involved = {format_box(b) for b in parse_boxes(text)} | {format_box(b) for b in sample.get("objects", [])}
@@ -766,7 +773,7 @@ def synthesize(cfg: SynthConfig) -> Counter:
                 key = pending.pop(future)
                 try:
                     samples, events = future.result()
-                except (RequestFailed, OSError, Image.DecompressionBombError) as e:
+                except (RequestFailed, OSError, Image.DecompressionBombError, data.ImageTooLarge) as e:
                     stats.add("images_failed")
                     log.error("%s: %s (not marked done: the next run retries it)", key, e)
                 except Exception as e:  # an answer no check foresaw: this image fails, the run goes on

@@ -1,6 +1,7 @@
 """synth.py against a loopback server that speaks chat completions and /detect, scripted to fail."""
 
 import base64
+import gzip
 import io
 import json
 import os
@@ -73,9 +74,10 @@ class FakeServer:
     after 1 s), "nonjson" (a 200 whose body is not JSON), "truncated" (body cut short of its Content-Length).
     `answers` overrides ANSWERS; "length:<text>" answers <text> with finish_reason "length"."""
 
-    def __init__(self, faults=(), answers=None, delay=0.0, grounder_format="ours", nan_label=None):
+    def __init__(self, faults=(), answers=None, delay=0.0, grounder_format="ours", nan_label=None,
+                 label_suffix="", compress=False):
         self.faults, self.answers, self.nan_label = list(faults), {**ANSWERS, **(answers or {})}, nan_label
-        self.delay, self.format = delay, grounder_format
+        self.delay, self.format, self.label_suffix, self.compress = delay, grounder_format, label_suffix, compress
         self.seen, self.lock, self.auth = Counter(), threading.Lock(), set()
         server = self
 
@@ -112,6 +114,9 @@ class FakeServer:
                         return
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
+                    if server.compress and "gzip" in self.headers.get("Accept-Encoding", ""):  # as nginx's gzip on
+                        body = gzip.compress(body)
+                        self.send_header("Content-Encoding", "gzip")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body[:10] if fault == "truncated" else body)
@@ -138,7 +143,8 @@ class FakeServer:
                          for _, b, _ in found]
                 return json.dumps({"boxes": boxes, "logits": [s for *_, s in found],
                                    "phrases": [lbl for lbl, *_ in found]}).encode()
-            detections = [{"label": lbl, "box": b, "score": float("nan") if lbl == self.nan_label else s}
+            detections = [{"label": lbl + self.label_suffix, "box": b,
+                           "score": float("nan") if lbl == self.nan_label else s}
                           for lbl, b, s in found]  # Python's json writes NaN, which is not JSON
             return json.dumps({"detections": detections}).encode()
         assert path == "/v1/chat/completions", path
@@ -258,6 +264,23 @@ def test_hostile_but_parseable_answers_never_stop_the_run(server, tmp_path):
     assert cached["images_done"] == 2 and cached["requests"] == 0
 
 
+def test_a_grounder_label_no_file_can_hold_costs_its_samples_not_the_run(server, tmp_path):
+    """A lone surrogate in the grounder's labels ("dog\\ud800" in its JSON): before, writing the first such
+    sample raised in the main loop, and every rerun replayed the cached answer into the same crash."""
+    images = make_images(tmp_path / "images", 2)
+    srv = server(label_suffix="\ud800", answers={"fine_grained": '{"descriptions": {}}'})  # names: the labels
+    counts = synth.synthesize(config(srv, tmp_path, images, timeout=5))
+    assert counts["images_done"] == 2 and counts["images_failed"] == 0 and counts["filtered/invalid"] > 0
+    (tmp_path / "out.jsonl").read_bytes().decode("utf-8")  # strict UTF-8
+
+
+def test_compressed_answers_are_read(server, tmp_path):
+    """Behind a proxy that gzips what the client accepts, the answers still parse (before: all bad_json)."""
+    images = make_images(tmp_path / "images", 1)
+    counts = synth.synthesize(config(server(compress=True), tmp_path, images, timeout=5))
+    assert counts["images_done"] == 1 and counts["samples"] > 0 and not counts["failed/vlm:bad_json"]
+
+
 def test_timeout_bounds_the_whole_request_not_each_read(server, tmp_path):
     images = make_images(tmp_path / "images", 1)
     srv = server(faults=["drip"] * 2)  # ~20 s to send a whole answer, 50 ms a byte
@@ -353,6 +376,7 @@ def test_detections_from_response_converts_the_common_formats():
         [d] = synth.detections_from_response(body, 200, 200)
         assert d.label == "dog" and d.score == 0.5 and d.box == pytest.approx([10, 20, 110, 220])
     for bad in ({"boxes": [[1, 2, 3]], "scores": [1], "labels": ["a"]}, {"what": 1},
+                {"detections": [{"label": "a", "box": [10**400, 0, 1, 1], "score": 1}]},  # float(): OverflowError
                 {"boxes": [[0.1, 0.1, 0.1, 0.1]], "logits": [], "phrases": ["a"]}):
         with pytest.raises(synth.Malformed):
             synth.detections_from_response(bad, 100, 100)
@@ -374,8 +398,8 @@ def test_filter_reasons():
             synth.Obj("d-1", "d", [0, 0, 1, 1], 0.9, 0.95),  # the whole image
             synth.Obj("e-1", "e", [0.7, 0.1, 0.9, 0.3], 0.2, 0.05)]  # low score
     by_box = {format_box(o.box): o for o in objs}
-    human = lambda text, *boxes: {"conversations": [{"from": "human", "value": "<image>\n" + text},
-                                                    {"from": "gpt", "value": "(A)"}], "objects": list(boxes)}
+    human = lambda text, *boxes: {"image": "x.jpg", "objects": list(boxes), "conversations": [
+        {"from": "human", "value": "<image>\n" + text}, {"from": "gpt", "value": "(A)"}]}
     box = lambda o: format_box(o.box)
     a, b, c, d, e = objs
     two = "Which? (A) <object> (B) <object>"
@@ -388,6 +412,8 @@ def test_filter_reasons():
     assert synth.filter_reason(human(f"{box(a)} {box(b)} {box(c)}"), by_box, synth.SynthConfig(max_boxes=2)) \
         == "too_many_boxes"
     assert synth.filter_reason(human(f"What is at {box(a)}? (A) <object>", a.box), by_box, cfg) is None
+    assert synth.filter_reason(human(f"Is <object> at {box(a)}?"), by_box, cfg) == "invalid"  # no box for it
+    assert synth.filter_reason(human(f"Is the dog\ud800 at {box(a)}?"), by_box, cfg) == "invalid"
 
 
 def test_output_resume_cuts_torn_writes(tmp_path):
