@@ -92,8 +92,9 @@ def download_file(session: requests.Session, repo: str, filename: str, out_dir: 
                                     "HF_TOKEN to a Hub token that can read it and accept the model's terms")
             if resp.status_code == 404:
                 raise NotOnHub(f"{url}: HTTP 404, file {filename!r} is not in {repo}")
-            if resp.status_code == 416:  # our .part is not a prefix the server can continue: start over
-                part.unlink()
+            if resp.status_code == 416 and have:  # our .part is not a prefix the server can continue: start over
+                part.unlink(missing_ok=True)
+                tag_file.unlink(missing_ok=True)
                 return download_file(session, repo, filename, out_dir)
             if resp.status_code not in (200, 206):
                 raise DownloadError(f"{url}: HTTP {resp.status_code}; rerun to retry")
@@ -104,7 +105,10 @@ def download_file(session: requests.Session, repo: str, filename: str, out_dir: 
                                         f"a resume at byte {have}; delete {part} and rerun")
                 total, mode = int(total), "ab"
             else:  # 200: the whole file (a first try, or the file changed since the part was fetched)
-                total, have, mode = int(resp.headers.get("Content-Length", -1)), 0, "wb"
+                length = resp.headers.get("Content-Length", "-1")
+                if not length.lstrip("-").isdigit():
+                    raise DownloadError(f"{url}: Content-Length {length!r} is not a number; rerun to retry")
+                total, have, mode = int(length), 0, "wb"
                 tag_file.write_text(resp.headers.get("ETag") or resp.headers.get("Last-Modified") or "")
             sha256, chunked = sha256_of(resp), "chunked" in resp.headers.get("Transfer-Encoding", "")
             if total < 0 and sha256 is None and not chunked:

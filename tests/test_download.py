@@ -135,8 +135,20 @@ def test_an_index_naming_files_outside_the_folder_writes_nothing(hub, tmp_path, 
 def test_complete_part_file_is_restarted_after_416(hub, tmp_path):
     data = hub.add("org/repo", "config.json", blob(100))
     (tmp_path / "config.json.part").write_bytes(data + b"junk")  # longer than the file: cannot be resumed
+    (tmp_path / "config.json.part.etag").write_text(etag(data))  # so it is resumed, and answered 416
     with download.new_session() as session:
         assert download.download_file(session, "org/repo", "config.json", tmp_path).read_bytes() == data
+    assert hub.requests[0][1].get("Range") == "bytes=104-" and "Range" not in hub.requests[1][1]
+
+
+def test_a_mirror_that_misbehaves_is_named_not_a_traceback(hub, tmp_path):
+    hub.add("org/repo", "config.json", b"{}")
+    for status, headers, message in [(416, {"Content-Length": "0"}, "HTTP 416"),  # 416 to a request without Range
+                                     (200, {"Content-Length": "abc"}, "Content-Length 'abc' is not a number")]:
+        hub.forced["/org/repo/resolve/main/config.json"] = (status, headers)
+        with download.new_session() as session, pytest.raises(download.DownloadError, match=message):
+            download.download_file(session, "org/repo", "config.json", tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_truncated_response_detected_then_rerun_completes(hub, tmp_path):

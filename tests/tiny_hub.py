@@ -99,6 +99,7 @@ class FakeHub:
     def __init__(self, token: str | None = None):
         self.files, self.requests, self.truncate, self.bare, self.token = {}, [], set(), set(), token
         self.etags = {}  # path -> the ETag to announce instead of the file's own (a file that was tampered with)
+        self.forced = {}  # path -> (status, headers) to answer with, body-less (a mirror that misbehaves)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -109,6 +110,12 @@ class FakeHub:
                 path = self.path.removeprefix("/cdn")
                 if path not in hub.files:
                     return self.send_error(404)
+                if path in hub.forced:
+                    status, headers = hub.forced[path]
+                    self.send_response(status)
+                    for key, value in headers.items():
+                        self.send_header(key, value)
+                    return self.end_headers()
                 data, start, bare = hub.files[path], 0, path in hub.bare
                 etag = hub.etags.get(path) or '"' + hashlib.sha256(data).hexdigest() + '"'
                 lfs = path.endswith((".safetensors", ".bin"))
