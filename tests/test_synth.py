@@ -274,6 +274,24 @@ def test_a_grounder_label_no_file_can_hold_costs_its_samples_not_the_run(server,
     (tmp_path / "out.jsonl").read_bytes().decode("utf-8")  # strict UTF-8
 
 
+def test_content_parts_that_are_not_text_are_left_out():
+    class Http:  # before: "".join met the 3 and raised TypeError, and the image failed on every rerun
+        def post(self, *args):
+            parts = [{"type": "text", "text": 3}, {"type": "image"}, {"type": "text", "text": "ok"}]
+            return {"choices": [{"message": {"content": parts}, "finish_reason": "stop"}]}
+
+    assert synth.ChatModel(Http(), "http://vlm", "m").ask("q", "data:") == "ok"
+
+
+def test_an_image_past_the_pixel_limit_fails_with_a_line_not_a_traceback(server, tmp_path, caplog):
+    images = make_images(tmp_path / "images", 1)
+    Image.new("1", (7000, 7000)).save(images / "bomb.png")  # 49 MP in a few KB
+    counts = synth.synthesize(config(server(), tmp_path, images, timeout=5))
+    assert counts["images_done"] == 1 and counts["images_failed"] == 1
+    [record] = [r for r in caplog.records if "bomb.png" in r.getMessage()]
+    assert "over the limit" in record.getMessage() and record.exc_info is None
+
+
 def test_compressed_answers_are_read(server, tmp_path):
     """Behind a proxy that gzips what the client accepts, the answers still parse (before: all bad_json)."""
     images = make_images(tmp_path / "images", 1)
