@@ -644,8 +644,9 @@ class TinyGroundingGPT(nn.Module):
         if dtype is None:
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         config_file = os.path.join(directory, "config.json")
+        fields = read_json_config(config_file)  # names the file itself when it is not a JSON object
         try:
-            config = TinyGroundingGPTConfig.from_dict(read_json_config(config_file), config_file)
+            config = TinyGroundingGPTConfig.from_dict(fields, config_file)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{config_file}: not a TinyGroundingGPT config ({type(e).__name__}: {e})") from None
         with torch.device("meta"):
