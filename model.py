@@ -541,12 +541,14 @@ class TinyGroundingGPT(nn.Module):
         return embeds
 
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, objects=None,
-                return_last_attn=False):
+                return_last_attn=False, loss_mean="token"):
         """The batch contract of data.py -> (logits, loss or None), plus the last layer's attention
         probabilities [B, heads, L, L] with return_last_attn. Without labels: logits [B, L, V]. With labels:
-        the loss, the mean cross-entropy in fp32 of token t+1 over the positions whose label is not -100, and
-        the logits [N, V] of those N positions only: the LM head runs nowhere else (image tokens and prompts
-        need none, and the full [B, L, V] logits of Qwen's 152k vocabulary are 5 GB in fp32 at 4 x 2048)."""
+        the loss, the cross-entropy in fp32 of token t+1 at the N positions whose label is not -100, and the
+        logits [N, V] of those positions only: the LM head runs nowhere else (image tokens and prompts need
+        none, and the full [B, L, V] logits of Qwen's 152k vocabulary are 5 GB in fp32 at 4 x 2048).
+        loss_mean "token": the mean over the N answer tokens; "sample": each sample's mean over its answer
+        tokens, then the mean over the samples that have any (a one-word "Yes." weighs as much as a paragraph)."""
         embeds = self.embed(input_ids, images, objects)
         if attention_mask is not None and not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
             # right padding: causal attention alone gives real tokens exactly their outputs (they never see
@@ -561,7 +563,14 @@ class TinyGroundingGPT(nn.Module):
             targets = labels[:, 1:]
             keep = targets != -100  # [B, L-1]
             logits = self.llm.head(out[:, :-1][keep])  # hidden states [B, L, C] -> [N, C] -> logits [N, V]
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
+            if loss_mean == "token":
+                loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
+            elif loss_mean == "sample":
+                weight = (keep / keep.sum(1, keepdim=True).clamp(min=1))[keep]  # [N]: 1 / its sample's tokens
+                loss = (F.cross_entropy(logits.float(), targets[keep], reduction="none") * weight).sum()
+                loss = loss / keep.any(1).sum().clamp(min=1)
+            else:
+                raise ValueError(f"loss_mean must be 'token' or 'sample', got {loss_mean!r}")
         return (logits, loss, attn) if return_last_attn else (logits, loss)
 
     @torch.no_grad()

@@ -72,6 +72,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03  # share of the steps with a linear warm-up, then cosine decay to zero
     weight_decay: float = 0.0  # AdamW's
     grad_clip: float = 1.0  # clip the global gradient norm to this
+    # "token": the loss is the mean over the global batch's answer tokens (LLaVA's); "sample": each sample's
+    # answers averaged first, so a one-word answer weighs as much as a paragraph ("": the phase's, PHASES)
+    loss_mean: str = ""
     dtype: str = "bfloat16"  # the parameters' dtype: bfloat16 or float32 (master weights and optimizer: always fp32)
     compile: bool = False  # torch.compile each LM block (GPU: faster steps after a minute of compiling)
     activation_checkpointing: bool = False  # recompute each LM block's activations in the backward (less memory)
@@ -98,10 +101,10 @@ class TrainConfig:
 
 # Table 6 of the paper. "trains": which parts get gradients (the encoders never do in the paper).
 PHASES = {
-    "stage1-pretrain": dict(trains="projector", lr=1e-3, batch_size=32, epochs=1.0, data="data1"),
-    "stage1": dict(trains="llm+projector", lr=2e-5, batch_size=32, epochs=1.0, data="data1"),
-    "stage2": dict(trains="llm+projector", lr=2e-5, batch_size=32, epochs=1.0, data="data2"),
-    "stage3": dict(trains="llm+projector", lr=2e-5, batch_size=16, epochs=2.0, data="data3"),
+    "stage1-pretrain": dict(trains="projector", lr=1e-3, batch_size=32, epochs=1.0, data="data1", loss_mean="token"),
+    "stage1": dict(trains="llm+projector", lr=2e-5, batch_size=32, epochs=1.0, data="data1", loss_mean="token"),
+    "stage2": dict(trains="llm+projector", lr=2e-5, batch_size=32, epochs=1.0, data="data2", loss_mean="token"),
+    "stage3": dict(trains="llm+projector", lr=2e-5, batch_size=16, epochs=2.0, data="data3", loss_mean="token"),
 }
 STAGE_PHASES = {"1": ["stage1-pretrain", "stage1"], "2": ["stage2"], "3": ["stage3"]}
 STAGE_PHASES["all"] = STAGE_PHASES["1"] + STAGE_PHASES["2"] + STAGE_PHASES["3"]
@@ -132,7 +135,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
     parser = argparse.ArgumentParser(prog="train.py", usage="%(prog)s [--key=value ...]  (--help lists every key)",
                                      description=(__doc__ or "").split("\n\n")[0], allow_abbrev=False)
-    choices = {"stage": list(STAGE_PHASES), "preset": ["paper", "shapes"], "budget": ["quick", "full"]}
+    choices = {"stage": list(STAGE_PHASES), "preset": ["paper", "shapes"], "budget": ["quick", "full"],
+               "loss_mean": ["token", "sample"]}
     helps = field_help()
     for f in dataclasses.fields(TrainConfig):
         names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
@@ -164,6 +168,7 @@ class PhaseSettings:
     lr: float
     batch_size: int
     epochs: float
+    loss_mean: str = "token"
     data: list[str] = field(default_factory=list)
 
 
@@ -179,6 +184,7 @@ def resolve_phase(cfg: TrainConfig, name: str) -> PhaseSettings:
         pick(cfg.lr, base["lr"]),
         pick(cfg.batch_size, base["batch_size"]),
         pick(cfg.epochs, base["epochs"]),
+        cfg.loss_mean or base["loss_mean"],
         files,
     )
 
@@ -496,6 +502,7 @@ def check_plan(path: str, plan: dict) -> None:
         return
     with open(plan_path) as f:
         saved = json.load(f)
+    saved.setdefault("loss_mean", "token")  # a plan written before the setting existed
     changed = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in plan.items() if saved.get(k) != v]
     if changed:
         raise SystemExit(f"{path} was written by a run with other settings ({'; '.join(changed)}): rerun the "
@@ -715,15 +722,17 @@ def prepare_model(cfg: TrainConfig, phase: PhaseSettings, init: str, rank: int, 
 
 
 def train_step(model, optimizer: MasterWeightAdamW, micro_batches: list[dict], lr: float, cfg: TrainConfig,
-               tokenizer, world: int, device, t0: float, look_weight: float) -> dict:
+               tokenizer, world: int, device, t0: float, look_weight: float, loss_mean: str = "token") -> dict:
     """One optimizer step over the global batch's micro-batches of this process -> its log record.
 
-    The loss is the mean over all answer tokens of the global batch, whatever the split into processes and
-    micro-batches: each micro-batch's mean is reweighted by its share of the tokens (x world size, because
-    FSDP averages gradients over processes). t0: when the step began (the batches' loading is part of it).
-    look_weight: box_attention_loss's weight in the objective this step (0: off)."""
+    The loss is the mean over all answer tokens of the global batch (loss_mean "sample": over all samples,
+    each its answer tokens' mean), whatever the split into processes and micro-batches: each micro-batch's
+    mean is reweighted by its share of the tokens (samples), x world size because FSDP averages gradients
+    over processes. t0: when the step began (the batches' loading is part of it). look_weight:
+    box_attention_loss's weight in the objective this step (0: off)."""
     sharded = hasattr(model, "set_requires_gradient_sync")  # an FSDP2 module
-    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
+    answered = [b["labels"][:, 1:] != -100 for b in micro_batches]  # [B, L-1] each
+    counts = [int(a.any(1).sum() if loss_mean == "sample" else a.sum()) for a in answered]
     total_tokens = max(1.0, all_reduce_sum(sum(counts), device))
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -733,11 +742,11 @@ def train_step(model, optimizer: MasterWeightAdamW, micro_batches: list[dict], l
         if sharded:
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         if look_weight:  # the eager attention path, for its probabilities
-            _, loss, attn = model(**batch, return_last_attn=True)
+            _, loss, attn = model(**batch, return_last_attn=True, loss_mean=loss_mean)
             look = box_attention_loss(batch, attn, tokenizer, model.config.image_token_id)
             look_sum += look.item() / len(micro_batches)
         else:
-            _, loss = model(**batch)
+            _, loss = model(**batch, loss_mean=loss_mean)
         objective = loss + look_weight * look if look_weight else loss
         (objective * (counts[i] / total_tokens * world)).backward()
         loss_sum += loss.item() * counts[i]
@@ -790,7 +799,8 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
     total = math.ceil(phase.epochs * (len(dataset) // phase.batch_size))
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
     plan = {"samples": len(dataset), "steps": total, "batch_size": phase.batch_size, "lr": phase.lr,
-            "seed": cfg.seed, "warmup_ratio": cfg.warmup_ratio, "length_group": cfg.length_group}
+            "seed": cfg.seed, "warmup_ratio": cfg.warmup_ratio, "length_group": cfg.length_group,
+            "loss_mean": phase.loss_mean}
     start = 0
     if found := find_checkpoint(ckpt_dir, rank):
         check_plan(found[0], plan)
@@ -806,7 +816,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         print(
             f"{phase.name}: {len(dataset)} samples, {total} steps of {phase.batch_size} "
             f"({world} process(es) x {accumulation} micro-batches of {batches.micro}), lr {phase.lr:g}, "
-            f"trains {sum(p.numel() for p in trainable) / 1e6:.2f}M params"
+            f"trains {sum(p.numel() for p in trainable) / 1e6:.2f}M params, loss: mean per {phase.loss_mean}"
             + (f", resuming at step {start}" if start else "")
         )
     metrics_path = os.path.join(cfg.out_dir, f"{phase.name}.metrics.jsonl")
@@ -824,7 +834,7 @@ def train_phase(cfg: TrainConfig, phase: PhaseSettings, rank: int, world: int, d
         lr = lr_at(step, total, phase.lr, cfg.warmup_ratio)
         look = cfg.attention_loss if phase.name != "stage2" or step >= cfg.attention_loss_from else 0.0
         record = {"step": step, **train_step(model, optimizer, micro_batches, lr, cfg, tokenizer, world, device, t0,
-                                             look)}
+                                             look, phase.loss_mean)}
         history.append(record)
         bar.update(1)
         if rank == 0 and (step % cfg.log_every == 0 or step == total - 1):

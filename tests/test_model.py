@@ -288,6 +288,26 @@ def test_loss_is_answer_tokens_only_and_right_padding_changes_nothing():
 
 
 
+def test_sample_mean_loss_weighs_each_answer_alike():
+    """loss_mean="sample": the mean over samples of each one's mean answer-token loss (a 2-token answer weighs as
+    much as a 4-token one), against cross-entropy on the full logits, row by row."""
+    torch.manual_seed(0)
+    model = TinyGroundingGPT(tiny_config()).eval()
+    batch = tiny_batch()
+    batch["labels"][0, :22] = -100  # sample 0 (24 tokens, then padding): one answer token and the stop token
+    with torch.no_grad():
+        logits, _ = model(**{k: v for k, v in batch.items() if k != "labels"})  # [B, L, V]
+        _, token_mean = model(**batch)
+        _, sample_mean = model(**batch, loss_mean="sample")
+        ce = torch.nn.functional.cross_entropy
+        rows = [ce(logits[b, :-1][keep], batch["labels"][b, 1:][keep])
+                for b, keep in enumerate(batch["labels"][:, 1:] != -100)]
+        torch.testing.assert_close(sample_mean, torch.stack(rows).mean())
+        assert abs(sample_mean - token_mean) > 1e-3  # the two means differ on answers of unequal length
+        with pytest.raises(ValueError, match="loss_mean must be 'token' or 'sample', got 'answer'"):
+            model(**batch, loss_mean="answer")
+
+
 def test_placeholder_count_mismatch_raises():
     model = TinyGroundingGPT(tiny_config())
     batch = tiny_batch()

@@ -313,6 +313,20 @@ def test_two_process_fsdp_matches_one_process(init_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
 
 
+def test_sample_mean_loss_is_the_same_over_any_split_of_the_batch(init_dir, tmp_path):
+    """`--loss_mean=sample` (each sample's answer-token mean, then the mean over samples) on stage 3's mix of
+    one-word POPE answers and long descriptions: one process with the whole batch of 8 in one forward pass
+    against two processes of two micro-batches of 2 each. Weighted by their tokens (as the token mean is), the
+    micro-batches would give another loss."""
+    args = [*COMMON, "--stage=3", f"--init={init_dir}", "--shapes_samples=64,64,64,64", "--batch_size=8",
+            "--max_steps=3", "--lr=1e-3", "--loss_mean=sample", "--attention_loss=0"]  # (a mean per micro-batch)
+    log = run([*args, "--micro_batch_size=8", f"--out_dir={tmp_path / 'one'}"])
+    assert "loss: mean per sample" in log
+    run([*args, "--micro_batch_size=2", f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    one, two = losses(tmp_path / "one", "stage3"), losses(tmp_path / "two", "stage3")
+    assert len(one) == 3 and one == pytest.approx(two, rel=1e-4, abs=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("torchrun", [False, True])
@@ -402,7 +416,8 @@ def test_resume_refuses_a_checkpoint_of_other_settings(init_dir, tmp_path, monke
     die_after_checkpoints(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
-    for changed, named in [("--seed=7", "seed: 1337 there, 7 now"), ("--max_steps=1", "steps: 4 there, 1 now")]:
+    for changed, named in [("--seed=7", "seed: 1337 there, 7 now"), ("--max_steps=1", "steps: 4 there, 1 now"),
+                           ("--loss_mean=sample", "loss_mean: 'token' there, 'sample' now")]:
         with pytest.raises(SystemExit, match=rf"step-0000002 was written by a run with other settings \({named}\)"):
             train.main([*args, changed])
     assert not (tmp_path / "stage2").exists()
