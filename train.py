@@ -733,7 +733,7 @@ def train_step(model, optimizer: MasterWeightAdamW, micro_batches: list[dict], l
     sharded = hasattr(model, "set_requires_gradient_sync")  # an FSDP2 module
     answered = [b["labels"][:, 1:] != -100 for b in micro_batches]  # [B, L-1] each
     counts = [int(a.any(1).sum() if loss_mean == "sample" else a.sum()) for a in answered]
-    total_tokens = max(1.0, all_reduce_sum(sum(counts), device))
+    total = max(1.0, all_reduce_sum(sum(counts), device))
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum, look_sum, n_tokens, n_padded = 0.0, 0.0, 0, 0
@@ -748,7 +748,7 @@ def train_step(model, optimizer: MasterWeightAdamW, micro_batches: list[dict], l
         else:
             _, loss = model(**batch, loss_mean=loss_mean)
         objective = loss + look_weight * look if look_weight else loss
-        (objective * (counts[i] / total_tokens * world)).backward()
+        (objective * (counts[i] / total * world)).backward()
         loss_sum += loss.item() * counts[i]
         n_tokens += int(batch["attention_mask"].sum())
         n_padded += batch["attention_mask"].numel()
@@ -758,7 +758,7 @@ def train_step(model, optimizer: MasterWeightAdamW, micro_batches: list[dict], l
     optimizer.zero_grad(set_to_none=True)
     dt = time.time() - t0
     return dict(
-        loss=round(all_reduce_sum(loss_sum, device) / total_tokens, 5),
+        loss=round(all_reduce_sum(loss_sum, device) / total, 5),
         lr=lr,
         grad_norm=round(grad_norm, 4),
         tokens_per_s=round(all_reduce_sum(n_tokens, device) / dt, 1),
