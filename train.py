@@ -90,7 +90,7 @@ class TrainConfig:
     # it held the answer loss back; `--budget full` adds it once the LM reads boxes (docs/experiments.md)
     attention_loss_from: int = 0
     # shapes preset only (shapes.py):
-    budget: str = "quick"  # "quick" (11-21 min on a 2-core CPU) or "full" (~4.9 h: shapes.FULL_BUDGET's defaults)
+    budget: str = "quick"  # "quick" (9-21 min on a 2-core CPU) or "full" (~5 h: shapes.FULL_BUDGET's defaults)
     tower_steps: int = 400  # steps of batch 64 pretraining the tiny towers before stage 1 (0: none)
     shapes_samples: str = "3200,3200,28800,6400"  # samples per epoch: stage1 pretrain, finetune, 2, 3
     # stage 2 and 3's mix of sample kinds: "rec:1", "pope:1,rec:1" (shapes.STAGE2_KINDS / STAGE3_KINDS names;

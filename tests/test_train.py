@@ -79,7 +79,7 @@ def test_parse_args_rejects_unknown_keys_and_bad_types():
 
 def test_the_full_budget_is_the_shapes_preset_with_longer_phases_and_user_flags_still_win():
     quick, full = train.parse_args(["--preset=shapes"]), train.parse_args(["--preset=shapes", "--budget", "full"])
-    assert (full.tower_steps, full.shapes_samples) == (1500, "3200,3200,1280000,76800")
+    assert (full.tower_steps, full.shapes_samples) == (1500, "3200,3200,1280000,153600")
     assert full.out_dir == "runs/shapes-full"
     assert (quick.tower_steps, quick.out_dir) == (400, "runs/shapes")  # separate folders: one never resumes the other
     # measured: docs/experiments.md. The quickstart's loss from step 0, the full budget's once its LM reads boxes
