@@ -168,7 +168,7 @@ class PhaseSettings:
     lr: float
     batch_size: int
     epochs: float
-    loss_mean: str = "token"
+    loss_mean: str
     data: list[str] = field(default_factory=list)
 
 
