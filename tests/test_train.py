@@ -645,6 +645,18 @@ def test_real_structure_two_processes_match_one(real, straight, tmp_path):
     assert len(one) == 4 and one == pytest.approx(two, rel=1e-4)
 
 
+def test_real_structure_sample_mean_is_the_same_over_any_split_of_the_batch(real, straight, tmp_path):
+    """`--loss_mean=sample` on the real structure in bf16: stage 3 from the same stage-2 export, one process
+    with the whole batch of 8 in one micro-batch against torchrun's two with accumulation 2 (FSDP2). Weighted
+    by their tokens (as the token mean is), the four micro-batches of 2 would give another loss."""
+    out, _ = straight
+    args = ["--stage=3", f"--init={out / 'stage2'}", "--loss_mean=sample"]
+    run([*args, *real_args(real, tmp_path / "one"), "--micro_batch_size=8"])
+    run([*args, *real_args(real, tmp_path / "two")], nproc=2)
+    one, two = losses(tmp_path / "one", "stage3"), losses(tmp_path / "two", "stage3")
+    assert len(one) == 2 and one == pytest.approx(two, rel=1e-4)  # bf16 tolerance: as two_processes_match_one
+
+
 def test_missing_images_stop_before_training_naming_the_first(init_dir, tmp_path, capsys):
     """A wrong --image_root: the run stops before any training with the count and the first missing path (it
     used to end as 'the dataset has 0 samples'); --max_missing_images=1 trains on what is there, and the
