@@ -313,6 +313,16 @@ def name_objects(scene: Scene, rng: random.Random, count: int) -> list[dict]:
     return named
 
 
+def relation_target(scene: Scene, rng: random.Random) -> dict | None:
+    """An object of the scene named by a relation or its order (testB's kinds of expression: "the second
+    circle from the left"), or None when no object can be named so."""
+    for k in rng.sample(range(len(scene.objects)), len(scene.objects)):
+        expression = referring_expression(scene, k, rng, "relation")
+        if expression:
+            return {"name": expression, "box": scene.box(scene.objects[k])}
+    return None
+
+
 def shapes_grounded(scene: Scene, image, named: list[dict]) -> dict:
     """A scene as a grounded image: the named objects, then the others by their box alone (name None: fit
     for options and relations, never asked about), and a description naming every object with its box."""
@@ -358,8 +368,9 @@ def pope_sample(scene: Scene, image, rng: random.Random) -> dict:
 
 # Stage 3 keeps REC, as LLaVA-v1.5-mix665k keeps RefCOCO/VG region data: without it the model forgets the short
 # answer format of "Output the coordinate of ..." (26% -> 5% testA without it). With the attention loss 30% REC
-# keeps it, and 60% POPE questions lift POPE most (docs/experiments.md, "Stage 3").
-STAGE3_KINDS = {"conversation": 0.05, "description": 0.05, "pope": 0.6, "rec": 0.3}
+# keeps it, and 60% POPE questions lift POPE most; half the REC asks by relations and order, which stage 2 asks
+# in only 11% of its expressions (docs/experiments.md, "Stage 3", "Relations and order in stage 3").
+STAGE3_KINDS = {"conversation": 0.05, "description": 0.05, "pope": 0.6, "rec": 0.15, "rec_relation": 0.15}
 STAGE_NAMES = {"stage1-pretrain": 1, "stage1": 1, "1": 1, "stage2": 2, "2": 2, "stage3": 3, "3": 3}
 
 
@@ -367,7 +378,8 @@ class ShapesStageData:
     """On-the-fly samples of the shapes world for one training stage, map-style and deterministic: sample i
     is a function of (seed, stage, i) only, so every DataLoader worker and every resume sees the same data.
     Stage 1: captions naming coarse positions. Stage 2: the multi-scale kinds (STAGE2_KINDS). Stage 3:
-    grounding conversations, grounding descriptions, POPE-style yes/no questions and REC (STAGE3_KINDS)."""
+    grounding conversations, grounding descriptions, POPE-style yes/no questions and REC, by any expression or
+    by a relation or order alone (STAGE3_KINDS)."""
 
     def __init__(self, stage: str, length: int, seed: int = 0, scene: SceneConfig | None = None,
                  kinds: dict[str, float] | None = None):
@@ -382,6 +394,9 @@ class ShapesStageData:
                 raise ValueError(f"{self.stage} samples are of the kinds {', '.join(mix) or 'caption, and no other'}"
                                  f", with shares >= 0 and a positive sum; got {kinds}")
             mix = dict(kinds)
+        if mix.get("rec_relation") and (self.scene.max_objects < 2 or self.scene.duplicate_prob == 0):
+            raise ValueError("rec_relation samples need scenes with repeated shapes (max_objects >= 2, "
+                             f"duplicate_prob > 0), or a mix without them (--shapes_kinds); got {self.scene}")
         self.kinds = mix
 
     def __len__(self):
@@ -412,6 +427,11 @@ class ShapesStageData:
                 sample = STAGE2_KINDS[kind][0](grounded, rng, named[0]) or rec_sample(grounded, rng, named[0])
             else:
                 kind = rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
+                if kind == "rec_relation":  # the kind is kept: scenes are redrawn until it can be asked
+                    while not (target := relation_target(scene, rng)):
+                        scene = make_scene(rng, self.scene)
+                    grounded = shapes_grounded(scene, None, [target])
+                    return scene, {"id": f"{self.stage}-{i}", **rec_sample(grounded, rng, target)}
                 sample = (grounding_conversation_sample({**grounded, "objects": named}, rng)
                           if kind == "conversation" else grounding_description_sample(grounded, rng)
                           if kind == "description" else rec_sample(grounded, rng, named[0])

@@ -46,6 +46,22 @@ def test_kind_mix_and_scene_settings_make_curricula():
         shapes.SceneConfig(min_objects=3, max_objects=2)
 
 
+def test_rec_relation_asks_by_relation_or_order_alone():
+    asked = shapes.ShapesStageData("stage3", 40, seed=5, kinds={"rec_relation": 1})
+    prompt = "<image>\n" + data.REC_PROMPT.format("")
+    forms = set()
+    for i in range(40):
+        scene, sample = asked._make(i)
+        question, answer = (turn["value"] for turn in sample["conversations"])
+        expression = question.removeprefix(prompt)
+        forms.add(next(form for form, regex in shapes.EXPRESSION_RES if regex.fullmatch(expression)))
+        (target,) = shapes.resolve(expression, scene)  # unambiguous, and the answer is its box
+        assert answer == data.format_box(scene.box(scene.objects[target]))
+    assert forms == {"relation", "superlative", "ordinal"}  # never attributes alone ("np")
+    with pytest.raises(ValueError, match="repeated shapes"):  # no scene could ever be asked: refused, not a hang
+        shapes.ShapesStageData("stage3", 4, scene=shapes.SceneConfig(duplicate_prob=0), kinds={"rec_relation": 1})
+
+
 def test_resolver_on_a_hand_made_scene():
     obj = lambda shape, color, size, x, y: shapes.ShapeObject(shape, color, size, (x, y, x + 40, y + 40), ())
     objects = [obj("circle", "red", "big", 10, 10), obj("circle", "blue", "small", 120, 10),
